@@ -1,0 +1,63 @@
+"""Interpreter start-up hook, run by ``domainbed_gaqat.pth`` (SPEC section 6).
+
+It imports nothing heavy: it only puts a finder on ``sys.meta_path`` that, once one of
+DomainBed's registries (``domainbed.algorithms``, ``hparams_registry``, ``datasets``,
+``command_launchers``) has executed, adds the plugin's entries to it. Set
+``DOMAINBED_GAQAT_DISABLE=1`` to opt out. A failure while patching is reported as a
+warning and never stops the interpreter or DomainBed.
+"""
+
+import importlib.abc
+import os
+import sys
+import warnings
+
+TARGETS = (
+    "domainbed.algorithms",
+    "domainbed.hparams_registry",
+    "domainbed.datasets",
+    "domainbed.command_launchers",
+)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        try:
+            from domainbed_gaqat.registry import patch
+
+            patch(module)
+        except Exception as err:  # never break DomainBed because of the plugin
+            warnings.warn(f"domainbed_gaqat could not register into {module.__name__}: {err!r}",
+                          stacklevel=2)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in TARGETS:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+def install() -> None:
+    if os.environ.get("DOMAINBED_GAQAT_DISABLE", "").strip() not in ("", "0"):
+        return
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+install()
