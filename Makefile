@@ -11,7 +11,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) setup.cfg pyproject.toml build_hooks.py domainbed_gaqat.pth
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
