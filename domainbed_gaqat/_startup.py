@@ -1,13 +1,13 @@
 """Interpreter start-up hook, run by ``domainbed_gaqat.pth`` (SPEC section 6).
 
-It imports nothing heavy: it only puts a finder on ``sys.meta_path`` that, once one of
-DomainBed's registries (``domainbed.algorithms``, ``hparams_registry``, ``datasets``,
-``command_launchers``) has executed, adds the plugin's entries to it. Set
-``DOMAINBED_GAQAT_DISABLE=1`` to opt out. A failure while patching is reported as a
-warning and never stops the interpreter or DomainBed.
+It imports nothing heavy (not even ``importlib.abc``, which pulls in ``typing``, ``tempfile``
+and ``importlib.resources``; the finder and loader protocols are duck-typed): it only puts a
+finder on ``sys.meta_path`` that, once one of DomainBed's registries (``domainbed.algorithms``,
+``hparams_registry``, ``datasets``, ``command_launchers``) has executed, adds the plugin's
+entries to it. Set ``DOMAINBED_GAQAT_DISABLE=1`` to opt out. A failure while patching is
+reported as a warning and never stops the interpreter or DomainBed.
 """
 
-import importlib.abc
 import os
 import sys
 import warnings
@@ -20,11 +20,13 @@ TARGETS = (
 )
 
 
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+class _PatchingLoader:
+    def __init__(self, loader) -> None:
         self.loader = loader
 
     def __getattr__(self, name):  # get_source, get_filename, ...: the real loader's
+        if name == "loader":  # not set yet (copy/pickle probe ``__setstate__``): no recursion
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def create_module(self, spec):
@@ -41,7 +43,7 @@ class _PatchingLoader(importlib.abc.Loader):
                           stacklevel=2)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:  # a meta path finder needs only ``find_spec``
     def find_spec(self, name, path, target=None):
         if name not in TARGETS:
             return None
