@@ -113,7 +113,8 @@ def _load_exact(module: nn.Module, state: dict, path: str, what: str) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state and "_quant." not in k]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    shapes = [k for k in state if k in own and (not isinstance(state[k], torch.Tensor)
+                                                or state[k].shape != own[k].shape)]
     if missing or unexpected or shapes:
         raise ValueError(
             f"{what} at {path!r} does not match the {type(module).__name__}: "
@@ -139,7 +140,10 @@ def _torchvision_state(hparams: dict) -> tuple[str, dict]:
     name = "ResNet18_Weights" if hparams["resnet18"] else "ResNet50_Weights"
     weights = getattr(torchvision.models, name).IMAGENET1K_V1
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    state = _load_checkpoint(path, f"torchvision {name}.IMAGENET1K_V1 in the torch hub cache")
+    what = f"torchvision {name}.IMAGENET1K_V1 in the torch hub cache"
+    state = _load_checkpoint(path, what)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} is not a {what} (a state_dict)")
     return path, {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
