@@ -57,7 +57,9 @@ def plugin_hparams(algorithm: str, dataset: str) -> dict[str, Entry]:
         "init_path": _fixed(""),
         "lr": _fixed(1e-3) if small else _choice(LR_GRID),
         "weight_decay": _fixed({"DomainNet": 1e-6}.get(dataset, 0.0 if small else 1e-4)),
-        "batch_size": _fixed({"DomainNet": 24}.get(dataset, 32)),
+        # DomainBed's Debug datasets have 13 training images per env: a larger batch makes its
+        # infinite loader (drop_last=True) spin forever (SPEC section 6).
+        "batch_size": _fixed({"DomainNet": 24, "Debug28": 8, "Debug224": 8}.get(dataset, 32)),
     }
     if "quant" in families:
         entries.update(w_bits=_fixed(4), a_bits=_fixed(4), scale_lr=_fixed(1e-5),
