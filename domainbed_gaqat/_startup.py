@@ -18,6 +18,14 @@ TARGETS = (
     "domainbed.datasets",
     "domainbed.command_launchers",
 )
+# Plugin modules that import a DomainBed registry. Imported first (``from
+# domainbed_gaqat.algorithms import LSQ`` before any ``import domainbed``), they are still
+# executing when that registry finishes, so it is patched when they finish instead.
+PLUGIN_MODULES = {
+    "domainbed_gaqat.algorithms": "domainbed.algorithms",
+    "domainbed_gaqat.datasets": "domainbed.datasets",
+}
+_executing: set = set()
 
 
 class _PatchingLoader:
@@ -33,19 +41,30 @@ class _PatchingLoader:
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        self.loader.exec_module(module)
+        name = module.__name__
+        _executing.add(name)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            _executing.discard(name)
+        if name in PLUGIN_MODULES:
+            name = PLUGIN_MODULES[name]
+            if name not in sys.modules:
+                return
+        elif any(p in _executing for p, t in PLUGIN_MODULES.items() if t == name):
+            return  # the plugin module importing this registry patches it when it finishes
         try:
             from domainbed_gaqat.registry import patch
 
-            patch(module)
+            patch(sys.modules[name])
         except Exception as err:  # never break DomainBed because of the plugin
-            warnings.warn(f"domainbed_gaqat could not register into {module.__name__}: {err!r}",
+            warnings.warn(f"domainbed_gaqat could not register into {name}: {err!r}",
                           stacklevel=2)
 
 
 class _Finder:  # a meta path finder needs only ``find_spec``
     def find_spec(self, name, path, target=None):
-        if name not in TARGETS:
+        if name not in TARGETS and name not in PLUGIN_MODULES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
