@@ -1,0 +1,151 @@
+"""Scale perturbation probe (paper Table 1).
+
+Multiplies chosen quantizer scales of a trained ``model.pkl`` by factors (default 0.8, 0.9,
+1.1, 1.2) and reports, per setting, the in-domain accuracy (mean over the training domains'
+validation splits ``env{i}_out``, the paper's "val") and the out-of-domain accuracy (the test
+envs' ``env{t}_in`` splits, DomainBed's test accuracy), on the splits train.py made. Each
+scale is perturbed on its own (one table row per scale, as Table 1) unless ``--joint``; the
+scales are restored exactly after each setting.
+
+    python -m domainbed_gaqat.probe runs/gaqat/model.pkl --data_dir data \\
+        --layers layer3.0.conv1 layer1.0.conv1 --kind both --output_dir probe/gaqat
+"""
+
+import argparse
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from domainbed_gaqat import runtools
+from domainbed_gaqat.networks import quantizers, scale_label
+from domainbed_gaqat.quantizer import LSQQuantizer
+
+DEFAULT_FACTORS = (0.8, 0.9, 1.1, 1.2)
+DEFAULT_LAYERS = ("layer3.0.conv1", "layer1.0.conv1")  # the rows of Table 1
+KINDS = {"w": ("w",), "a": ("a",), "both": ("w", "a")}
+
+
+def select_quantizers(module: nn.Module, layers: Sequence[str],
+                      kind: str = "both") -> list[tuple[str, LSQQuantizer]]:
+    """Quantizers whose layer name (e.g. ``layer3.0.conv1``; the stem is ``conv1``) fully
+    matches one of the regexes ``layers``, of kind ``w`` (weights), ``a`` (activations) or
+    ``both``; in forward order."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: expected one of {list(KINDS)}")
+    patterns = [re.compile(p) for p in layers]
+    found = [(n, q) for n, q in quantizers(module)
+             if scale_label(n)[-1] in KINDS[kind]
+             and any(p.fullmatch(scale_label(n)[:-2]) for p in patterns)]
+    if not found:
+        names = list(dict.fromkeys(scale_label(n)[:-2] for n, _ in quantizers(module)))
+        raise ValueError(f"layers {list(layers)} (kind {kind!r}) match no quantizer; layer "
+                         f"names are e.g. {names[:4]} ... {names[-2:]}")
+    return found
+
+
+@contextmanager
+def perturbed(quantizer_list: Sequence[LSQQuantizer], factor: float) -> Iterator[None]:
+    """Multiply the scales of ``quantizer_list`` by ``factor``; restore them bit-exactly."""
+    if not factor > 0:
+        raise ValueError(f"scale factor {factor!r}: expected a positive number")
+    saved = [q.scale.detach().clone() for q in quantizer_list]
+    try:
+        with torch.no_grad():
+            for q in quantizer_list:
+                q.scale.mul_(factor)
+        yield
+    finally:
+        with torch.no_grad():
+            for q, s in zip(quantizer_list, saved):
+                q.scale.copy_(s)
+
+
+def probe(algorithm: nn.Module, data: runtools.Data, selected: Sequence[tuple[str, LSQQuantizer]],
+          factors: Sequence[float], device: str, joint: bool = False,
+          progress: bool = True) -> pd.DataFrame:
+    """One row per setting: ``origin`` (unperturbed), then each scale (or all jointly) times
+    each factor; columns ``id_acc``, ``ood_acc`` and each split's accuracy."""
+    settings = ([("joint", [q for _, q in selected])] if joint
+                else [(scale_label(n), [q]) for n, q in selected])
+    jobs = [("origin", [], 1.0)] + [(name, qs, f) for name, qs in settings for f in factors]
+    rows = []
+    algorithm.eval()
+    for name, qs, factor in tqdm(jobs, desc="probe", disable=not progress):
+        with perturbed(qs, factor):
+            accs = data.accuracies(algorithm, device)
+        rows.append({"scale": name, "factor": factor, **accs})
+    df = pd.DataFrame(rows)
+    origin = df.iloc[0]
+    df["id_delta"] = df["id_acc"] - origin["id_acc"]
+    df["ood_delta"] = df["ood_acc"] - origin["ood_acc"]
+    return df
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """Table 1 layout: a row per scale, ``ID / OOD`` accuracy (%) per factor."""
+    origin = df[df["scale"] == "origin"].iloc[0]
+    factors = list(dict.fromkeys(df.loc[df["scale"] != "origin", "factor"]))
+
+    def cell(row) -> str:
+        return f"{100 * row['id_acc']:.2f} / {100 * row['ood_acc']:.2f}"
+
+    head = ["scale", "origin"] + [f"{100 * f:g}%" for f in factors]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for scale, rows in df[df["scale"] != "origin"].groupby("scale", sort=False):
+        by_factor = {r["factor"]: cell(r) for _, r in rows.iterrows()}
+        lines.append("| " + " | ".join([scale, cell(origin)]
+                                       + [by_factor[f] for f in factors]) + " |")
+    return "\n".join(lines) + "\n\nCells: in-domain (training-domain validation) / " \
+                               "out-of-domain (test env) accuracy, %.\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a DomainBed model.pkl of LSQ / SAGM_LSQ / GAQAT")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's")
+    p.add_argument("--data_dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--test_envs", type=int, nargs="+", default=None,
+                   help="default: the checkpoint's")
+    p.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS),
+                   help="regexes fully matching layer names, e.g. 'layer3.0.conv1' 'layer4.*'")
+    p.add_argument("--kind", choices=list(KINDS), default="both")
+    p.add_argument("--factors", type=float, nargs="+", default=list(DEFAULT_FACTORS))
+    p.add_argument("--joint", action="store_true", help="perturb all chosen scales together")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    bad = [f for f in args.factors if not f > 0]
+    if bad:
+        raise ValueError(f"--factors {bad}: expected positive numbers")
+    outputs = [os.path.join(args.output_dir, f) for f in
+               ("probe.md", "probe.csv", "probe.parquet")]
+    runtools.check_new(outputs, args.overwrite)
+    device = args.device or runtools.default_device()
+    algorithm, ckpt = runtools.load_algorithm(args.model, device)
+    runtools.require_quantized(ckpt, args.model)
+    selected = select_quantizers(algorithm, args.layers, args.kind)
+    data = runtools.Data.from_checkpoint(ckpt, args.dataset, args.data_dir, args.test_envs)
+    df = probe(algorithm, data, selected, args.factors, device, args.joint,
+               progress=not args.quiet)
+    table = markdown_table(df)
+    print(table)
+    paths = [runtools.write_text(outputs[0], table, args.overwrite)]
+    paths += runtools.write_table(df, os.path.join(args.output_dir, "probe"), args.overwrite)
+    runtools.finish(paths)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

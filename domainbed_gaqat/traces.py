@@ -1,0 +1,361 @@
+"""Scale-gradient traces: paper Figures 2 and 5 (g_task vs g_smooth), 3 (disorder), 4 (freezing).
+
+Trains an algorithm on a DomainBed dataset exactly as ``train.py`` does and records, for every
+quantizer scale, the gradients summed over blocks of ``M`` steps: ``g_task`` (clean pass),
+``g_smooth`` (perturbed pass; SAGM_LSQ / GAQAT only) and the gradient the optimizer applied;
+the task and smooth gradient disorder (Definition 3.1) over windows of ``K`` steps, one
+:class:`~domainbed_gaqat.freezing.DisorderTracker` per stream; and, for GAQAT, how many steps
+of each block the scale was frozen. Nothing in the algorithm changes: ``scale_grads`` is
+wrapped on the instance and the applied gradient is read in an optimizer step pre-hook.
+
+    python -m domainbed_gaqat.traces --algorithm GAQAT --dataset PACS --data_dir data \\
+        --test_envs 0 --steps 7000 --every 350 --K 350 --output_dir traces/gaqat_w4
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm import tqdm
+
+from domainbed_gaqat import runtools
+from domainbed_gaqat.freezing import DisorderTracker
+from domainbed_gaqat.networks import quantizers, scale_label
+
+GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4")
+TABLES = ("grads", "disorder")
+FIGURES = ("gradients.png", "disorder.png", "freezing.png")
+
+
+def layer_group(label: str) -> str:
+    """Panel of a scale: ``layer3.0.conv1 w`` -> ``layer3``; the first conv -> ``stem``."""
+    head = label.split(".", 1)[0]
+    return head if head in GROUPS else "stem"
+
+
+class TraceRecorder:
+    """Records each update's scale gradients on an algorithm (see module docstring).
+
+    ``rows`` get one entry per scale and block of ``every`` steps (the last block may be
+    shorter); ``disorder_rows`` one per scale, stream and closed window of ``K`` steps.
+    Call :meth:`close` to remove the hooks (and flush a partial block).
+    """
+
+    def __init__(self, algorithm: nn.Module, every: int, K: int) -> None:
+        named = list(quantizers(algorithm))
+        scales = getattr(algorithm, "scales", [])
+        if not named or [id(q.scale) for _, q in named] != [id(s) for s in scales]:
+            raise ValueError(f"{type(algorithm).__name__} has no quantizer scales: expected a "
+                             f"quantized algorithm ({', '.join(runtools.QUANTIZED_ALGORITHMS)})")
+        if every < 1:
+            raise ValueError(f"every (M) must be >= 1, got {every!r}")
+        self.algorithm, self.every, self.scales = algorithm, every, list(scales)
+        self.labels = [scale_label(n) for n, _ in named]
+        self.names = [n for n, _ in named]
+        n = len(named)
+        self.split = hasattr(algorithm, "scale_grads")  # SAGM family: two gradient streams
+        self.freezer = getattr(algorithm, "freezer", None)
+        self.trackers = {"task": DisorderTracker(n, K)}
+        if self.split:
+            self.trackers["smooth"] = DisorderTracker(n, K)
+        self.step, self.rows, self.disorder_rows = 0, [], []
+        self._pending = None
+        self._reset_block()
+        if self.split:
+            inner = algorithm.scale_grads
+
+            def scale_grads(g_task: torch.Tensor, g_smooth: torch.Tensor) -> torch.Tensor:
+                frozen = self.freezer.frozen.clone() if self.freezer is not None else None
+                self._pending = (g_task.detach().clone(), g_smooth.detach().clone(), frozen)
+                return inner(g_task, g_smooth)
+
+            algorithm.scale_grads = scale_grads
+        self._hook = algorithm.optimizer.register_step_pre_hook(self._pre_step)
+
+    def _reset_block(self) -> None:
+        zeros = torch.zeros(len(self.scales), dtype=torch.float64)
+        self._sums = {"g_task": zeros.clone(), "g_smooth": zeros.clone(),
+                      "g_applied": zeros.clone(), "frozen_steps": zeros.clone()}
+        self._block_steps = 0
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        applied = torch.stack([s.grad if s.grad is not None else torch.zeros_like(s)
+                               for s in self.scales]).detach()
+        if self.split:
+            if self._pending is None:
+                raise RuntimeError("the optimizer stepped without a scale_grads call")
+            g_task, g_smooth, frozen = self._pending
+            self._pending = None
+        else:
+            g_task, g_smooth, frozen = applied, None, None
+        self.observe(g_task, g_smooth, applied, frozen)
+
+    @torch.no_grad()
+    def observe(self, g_task: torch.Tensor, g_smooth: torch.Tensor | None,
+                applied: torch.Tensor, frozen: torch.Tensor | None) -> None:
+        """Add one update's gradients (``frozen``: the flags in effect for this update)."""
+        sums = self._sums
+        sums["g_task"] += g_task.double().cpu()
+        sums["g_applied"] += applied.double().cpu()
+        if g_smooth is not None:
+            sums["g_smooth"] += g_smooth.double().cpu()
+        if frozen is not None:
+            sums["frozen_steps"] += frozen.double().cpu()
+        self.step += 1
+        self._block_steps += 1
+        for stream, grad in (("task", g_task), ("smooth", g_smooth)):
+            if stream in self.trackers and self.trackers[stream].observe(grad):
+                self._record_disorder(stream, self.trackers[stream].disorder.tolist())
+        if self._block_steps == self.every:
+            self._flush()
+
+    def _record_disorder(self, stream: str, values: list[float]) -> None:
+        window = sum(r["stream"] == stream for r in self.disorder_rows) // len(self.names) + 1
+        for name, label, value in zip(self.names, self.labels, values):
+            self.disorder_rows.append({"step": self.step, "window": window, "quantizer": name,
+                                       "label": label, "group": layer_group(label),
+                                       "kind": label[-1], "stream": stream, "disorder": value})
+
+    def _flush(self) -> None:
+        if self._block_steps == 0:
+            return
+        block = len(self.rows) // len(self.names) + 1
+        columns = {k: v.tolist() for k, v in self._sums.items()}
+        scales = [s.item() for s in self.scales]
+        for i, (name, label) in enumerate(zip(self.names, self.labels)):
+            self.rows.append({
+                "step": self.step, "block": block, "steps_in_block": self._block_steps,
+                "quantizer": name, "label": label, "group": layer_group(label),
+                "kind": label[-1], "scale": scales[i], "g_task": columns["g_task"][i],
+                "g_smooth": columns["g_smooth"][i] if self.split else float("nan"),
+                "g_applied": columns["g_applied"][i],
+                "frozen_steps": (columns["frozen_steps"][i] if self.freezer is not None
+                                 else float("nan"))})
+        self._reset_block()
+
+    def close(self) -> None:
+        """Flush a partial block and restore the algorithm."""
+        self._flush()
+        self._hook.remove()
+        if self.split and "scale_grads" in vars(self.algorithm):
+            del self.algorithm.scale_grads
+
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(grads, disorder)`` tidy tables."""
+        return pd.DataFrame(self.rows), pd.DataFrame(self.disorder_rows, columns=[
+            "step", "window", "quantizer", "label", "group", "kind", "stream", "disorder"])
+
+
+def record_traces(algorithm: nn.Module, minibatches, steps: int, every: int, K: int,
+                  progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run ``steps`` updates of ``algorithm`` on ``minibatches`` (an iterable of DomainBed
+    minibatch lists) and return the ``(grads, disorder)`` traces."""
+    recorder = TraceRecorder(algorithm, every, K)
+    try:
+        batches = iter(minibatches)
+        for _ in tqdm(range(steps), desc="traces", disable=not progress):
+            algorithm.update(next(batches))
+    finally:
+        recorder.close()
+    return recorder.frames()
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def _panels(df: pd.DataFrame, rows: int = 1, height: float = 3.2):
+    groups = [g for g in GROUPS if g in set(df["group"])]
+    fig = Figure(figsize=(4.6 * len(groups), height * rows), layout="constrained")
+    axes = fig.subplots(rows, len(groups), squeeze=False)
+    return fig, groups, axes
+
+
+def _colors(labels):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20"]
+    return {label: cmap(i % 20) for i, label in enumerate(labels)}
+
+
+def figure_gradients(grads: pd.DataFrame, title: str) -> Figure:
+    """Figures 2/5: per-block sums of ``g_task`` (solid) and ``g_smooth`` (dashed) per scale."""
+    fig, groups, axes = _panels(grads)
+    has_smooth = grads["g_smooth"].notna().any()
+    for ax, group in zip(axes[0], groups):
+        sub = grads[grads["group"] == group]
+        colors = _colors(sub["label"].unique())
+        for label, rows in sub.groupby("label", sort=False):
+            ax.plot(rows["step"], rows["g_task"], "-o", ms=2, lw=1, color=colors[label],
+                    label=label)
+            if has_smooth:
+                ax.plot(rows["step"], rows["g_smooth"], "--", lw=1, color=colors[label])
+        ax.axhline(0.0, color="0.6", lw=0.5)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("block sum of g_task (solid)" + (" / g_smooth (dashed)"
+                                                           if has_smooth else ""))
+    fig.suptitle(title)
+    return fig
+
+
+def figure_disorder(disorder: pd.DataFrame, title: str) -> Figure:
+    """Figure 3: task (solid) and smooth (dashed) gradient disorder per window of K steps."""
+    fig, groups, axes = _panels(disorder)
+    for ax, group in zip(axes[0], groups):
+        sub = disorder[disorder["group"] == group]
+        colors = _colors(sub["label"].unique())
+        for (label, stream), rows in sub.groupby(["label", "stream"], sort=False):
+            ax.plot(rows["step"], rows["disorder"], "-o" if stream == "task" else "--", ms=2,
+                    lw=1, color=colors[label], label=label if stream == "task" else None)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(group)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("gradient disorder: task (solid) / smooth (dashed)")
+    fig.suptitle(title)
+    return fig
+
+
+def figure_freezing(grads: pd.DataFrame, title: str) -> Figure:
+    """Figure 4: top, the fraction of each block a scale was frozen; bottom, the applied
+    scale gradients (block sums), with crosses on blocks where the scale was frozen (updated
+    by ``g_smooth`` only)."""
+    fig, groups, axes = _panels(grads, rows=2, height=3.6)
+    for col, group in enumerate(groups):
+        sub = grads[grads["group"] == group]
+        labels = list(sub["label"].unique())
+        frac = (sub["frozen_steps"] / sub["steps_in_block"]).to_numpy()
+        heat = frac.reshape(-1, len(labels)).T  # rows: scales, columns: blocks
+        steps = sub["step"].unique()
+        ax = axes[0][col]
+        ax.imshow(heat, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
+                  extent=(0, len(steps), len(labels) - 0.5, -0.5))
+        ax.set_yticks(range(len(labels)), labels, fontsize=6)
+        ax.set_xticks(np.arange(len(steps)) + 0.5, [str(s) for s in steps], fontsize=6,
+                      rotation=90)
+        ax.set_title(f"{group}: frozen fraction of each block")
+        colors = _colors(labels)
+        ax = axes[1][col]
+        for label, rows in sub.groupby("label", sort=False):
+            ax.plot(rows["step"], rows["g_applied"], "-", lw=1, color=colors[label], label=label)
+            frozen = rows[rows["frozen_steps"] > 0]
+            ax.plot(frozen["step"], frozen["g_applied"], "x", ms=4, color=colors[label])
+        ax.axhline(0.0, color="0.6", lw=0.5)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6, ncol=2)
+    axes[1][0].set_ylabel("applied scale gradient, block sum (x: frozen)")
+    fig.suptitle(title)
+    return fig
+
+
+def write_outputs(grads: pd.DataFrame, disorder: pd.DataFrame, output_dir: str, title: str,
+                  select: str | None = None, overwrite: bool = False) -> list[str]:
+    """Tables (CSV, Parquet) and PNG figures; ``select`` (a regex on labels) limits the
+    scales drawn, never the tables."""
+    paths = []
+    for name, df in zip(TABLES, (grads, disorder)):
+        paths += runtools.write_table(df, os.path.join(output_dir, name), overwrite)
+    if select:
+        pattern = re.compile(select)
+        grads = grads[grads["label"].map(lambda s: bool(pattern.search(s)))]
+        disorder = disorder[disorder["label"].map(lambda s: bool(pattern.search(s)))]
+        if grads.empty:
+            raise ValueError(f"--select {select!r} matches no scale label (e.g. "
+                             "'layer3.0.conv1 w')")
+    figures = [("gradients.png", figure_gradients, grads)]
+    if not disorder.empty:
+        figures.append(("disorder.png", figure_disorder, disorder))
+    if grads["frozen_steps"].notna().any():
+        figures.append(("freezing.png", figure_freezing, grads))
+    for name, draw, df in figures:
+        paths.append(runtools.save_figure(draw(df, title), os.path.join(output_dir, name),
+                                          overwrite))
+    return paths
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algorithm", default="GAQAT")
+    p.add_argument("--dataset", default="RotatedDigits")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--test_envs", type=int, nargs="+", default=[0])
+    p.add_argument("--steps", type=runtools.positive_int, default=1000)
+    p.add_argument("--every", type=runtools.positive_int, default=None,
+                   help="M: sum gradients over blocks of M steps (default: K)")
+    p.add_argument("--K", type=int, default=None,
+                   help="disorder window (default: the gaqat_K hparam, else 350)")
+    p.add_argument("--hparams", default=None, help="JSON hparams overrides, as train.py")
+    p.add_argument("--hparams_seed", type=int, default=0)
+    p.add_argument("--trial_seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout_fraction", type=float, default=0.2)
+    p.add_argument("--select", default=None,
+                   help="regex on scale labels to draw (e.g. 'layer3.0.conv1'); tables keep all")
+    p.add_argument("--save_model", action="store_true",
+                   help="also write model.pkl in train.py's format")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    device = args.device or runtools.default_device()
+    hparams = runtools.make_hparams(args.algorithm, args.dataset, args.hparams_seed,
+                                    args.trial_seed, args.hparams)
+    K = args.K if args.K is not None else hparams.get("gaqat_K", 350)
+    if not isinstance(K, int) or K < 2:
+        raise ValueError(f"--K {K!r}: the disorder window must be an integer >= 2")
+    every = args.every or K
+    outputs = [os.path.join(args.output_dir, f) for f in
+               [f"{t}.{ext}" for t in TABLES for ext in ("csv", "parquet")] + list(FIGURES)
+               + ["meta.json"] + (["model.pkl"] if args.save_model else [])]
+    runtools.check_new(outputs, args.overwrite)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    data = runtools.Data(args.dataset, args.data_dir, args.test_envs, hparams,
+                         args.holdout_fraction, args.trial_seed)
+    algorithm = runtools.algorithm_class(args.algorithm)(
+        data.dataset.input_shape, data.dataset.num_classes, len(data.train_envs), hparams)
+    algorithm.to(device)
+    TraceRecorder(algorithm, every, K).close()  # fail early on an unquantized algorithm
+    minibatches = ([(x.to(device), y.to(device)) for x, y in batch]
+                   for batch in data.minibatches())
+    grads, disorder = record_traces(algorithm, minibatches, args.steps, every, K,
+                                    progress=not args.quiet)
+
+    bits = f"W{hparams['w_bits']}A{hparams['a_bits']}"
+    title = (f"{args.algorithm} {bits}, {args.dataset} test env {args.test_envs}, "
+             f"M={every}, K={K}")
+    paths = write_outputs(grads, disorder, args.output_dir, title, args.select, args.overwrite)
+    meta = {"args": vars(args), "hparams": hparams, "every": every, "K": K,
+            "quantizers": list(dict.fromkeys(grads["quantizer"]))}
+    paths.append(runtools.write_text(os.path.join(args.output_dir, "meta.json"),
+                                     json.dumps(meta, indent=1), args.overwrite))
+    if args.save_model:
+        ckpt = runtools.checkpoint_dict(vars(args), data.dataset, args.test_envs, hparams,
+                                        algorithm)
+        paths.append(runtools.atomic_write(os.path.join(args.output_dir, "model.pkl"),
+                                           lambda p: torch.save(ckpt, p), args.overwrite))
+    runtools.finish(paths)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
