@@ -1,0 +1,306 @@
+"""LSQ fake quantizer (SPEC section 1): forward grid, gradients, gradient scale, MSE init, bits.
+
+References are independent of the implementation: a nearest-level search for the forward pass,
+hand-worked examples and central finite differences (float64) for the gradients, and a
+brute-force search over a much finer grid of scales for the MSE range initialisation.
+"""
+
+import math
+
+import pytest
+import torch
+
+from domainbed_gaqat.quantizer import LSQFunction, LSQQuantizer, grid, lsq_quantize, mse_scale
+
+BITS = list(range(2, 9))
+KINDS = {  # name -> (signed, is_weight); the stem's input is a signed activation
+    "weight": (True, True),
+    "activation": (False, False),
+    "stem_input": (True, False),
+}
+
+
+def _levels(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range written from the spec, independently of :func:`grid`."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _away_from(x: torch.Tensor, points: list[float], margin: float) -> torch.Tensor:
+    """Mask of the entries of ``x`` at least ``margin`` away from every value in ``points``."""
+    keep = torch.ones_like(x, dtype=torch.bool)
+    for p in points:
+        keep &= (x - p).abs() > margin
+    return keep
+
+
+def _grid_points(bits: int, signed: bool, s: float, n: int, seed: int) -> torch.Tensor:
+    """float64 values ``v = s * x`` with ``x`` spread over and beyond ``[l, u]``, none of them
+    near a rounding boundary (half-integer) or a clipping end, so finite differences are clean."""
+    lo, hi = _levels(bits, signed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(4 * n, generator=gen, dtype=torch.float64) * (hi - lo + 6) + (lo - 3)
+    frac = x - torch.floor(x)
+    keep = ((frac - 0.5).abs() > 0.05) & _away_from(x, [lo, hi], 0.05)
+    x = x[keep][:n]
+    assert len(x) == n
+    return x * s
+
+
+# --- bits ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_grid_has_2_pow_bits_levels(bits: int, signed: bool) -> None:
+    lower, upper = grid(bits, signed)
+    assert (lower, upper) == _levels(bits, signed)
+    assert upper - lower + 1 == 2**bits
+    assert (lower == -(upper + 1)) if signed else (lower == 0)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, -4, 4.0, "4", True, None])
+def test_bits_outside_2_to_8_raise(bits) -> None:
+    with pytest.raises(ValueError, match=r"2\.\.8"):
+        grid(bits, signed=True)
+    with pytest.raises(ValueError, match=r"2\.\.8"):
+        LSQQuantizer(bits, signed=False, is_weight=False)
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_forward_is_nearest_level_and_clipped(bits: int, kind: str) -> None:
+    signed, is_weight = KINDS[kind]
+    lo, hi = _levels(bits, signed)
+    s = 0.037
+    quantizer = LSQQuantizer(bits, signed=signed, is_weight=is_weight)
+    quantizer.load_state_dict({"scale": torch.tensor(s), "initialized": torch.tensor(True)})
+
+    v = _grid_points(bits, signed, s, 2000, seed=bits).float()
+    q = quantizer(v).detach().double()
+    levels = torch.arange(lo, hi + 1, dtype=torch.float64) * torch.tensor(s).double()
+    nearest = levels[(v.double()[:, None] - levels[None, :]).abs().argmin(dim=1)]
+    torch.testing.assert_close(q, nearest, rtol=0, atol=1e-6)
+
+    codes = q / quantizer.scale.item()
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the integer grid times s
+    assert codes.min().round() == lo and codes.max().round() == hi  # both clip ends reached
+    below, above = v < lo * s, v > hi * s
+    assert below.any() and above.any()
+    torch.testing.assert_close(q[below], torch.full_like(q[below], lo * s), rtol=0, atol=1e-6)
+    torch.testing.assert_close(q[above], torch.full_like(q[above], hi * s), rtol=0, atol=1e-6)
+
+
+def test_forward_hand_worked_examples() -> None:
+    s = torch.tensor(1.0)
+    v = torch.tensor([-3.0, -1.2, -0.4, 0.6, 2.4])
+    # 2-bit signed grid {-2, -1, 0, 1}: the stem keeps negative pixels
+    assert lsq_quantize(v, s, *grid(2, signed=True)).tolist() == [-2.0, -1.0, 0.0, 1.0, 1.0]
+    # 2-bit unsigned grid {0, 1, 2, 3}: every negative input becomes 0
+    assert lsq_quantize(v, s, *grid(2, signed=False)).tolist() == [0.0, 0.0, 0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_signed_activation_grid_keeps_negative_inputs(bits: int) -> None:
+    """The stem's input is a normalised image: a signed grid keeps its negative half."""
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(bits))
+    stem = LSQQuantizer(bits, signed=True, is_weight=False)
+    relu_input = LSQQuantizer(bits, signed=False, is_weight=False)
+    qs, qu = stem(x).detach(), relu_input(x).detach()
+    assert (qs[x < -float(stem.scale)] < 0).all()
+    assert (qu[x < 0] == 0).all()
+    assert (qs - x).pow(2).mean() < (qu - x).pow(2).mean()
+
+
+# --- gradients -------------------------------------------------------------------------------
+
+
+def _grads(v: torch.Tensor, s: torch.Tensor, lower: int, upper: int, go: torch.Tensor,
+           grad_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    v = v.clone().requires_grad_(True)
+    s = s.clone().requires_grad_(True)
+    (LSQFunction.apply(v, s, lower, upper, grad_scale) * go).sum().backward()
+    return v.grad, s.grad
+
+
+@pytest.mark.parametrize("signed, s, v, go, grad_v, grad_s", [
+    # 2-bit unsigned, l=0, u=3, s=0.5: x = v/s = [-0.6, 0.4, 1.48, 3.2, 4.2]
+    # dq/dv = [0, 1, 1, 0, 0]; dq/ds = [l, round(x)-x, round(x)-x, u, u]
+    #                                = [0, -0.4, -0.48, 3, 3]
+    # dL/ds = 1*0 + 2*(-0.4) + 3*(-0.48) + 4*3 + 5*3 = 24.76
+    (False, 0.5, [-0.3, 0.2, 0.74, 1.6, 2.1], [1.0, 2.0, 3.0, 4.0, 5.0],
+     [0.0, 2.0, 3.0, 0.0, 0.0], 24.76),
+    # 3-bit signed, l=-4, u=3, s=0.25: x = [-5.2, -2.44, 0.4, 2.8, 3.8]
+    # dq/ds = [-4, -2+2.44, 0-0.4, 3-2.8, 3] = [-4, 0.44, -0.4, 0.2, 3]
+    # dL/ds = 0.5*(-4) - 1*0.44 + 2*(-0.4) + 1*0.2 - 3*3 = -12.04
+    (True, 0.25, [-1.3, -0.61, 0.1, 0.7, 0.95], [0.5, -1.0, 2.0, 1.0, -3.0],
+     [0.0, -1.0, 2.0, 1.0, 0.0], -12.04),
+])
+def test_gradients_hand_worked(signed, s, v, go, grad_v, grad_s) -> None:
+    bits = 3 if signed else 2
+    gv, gs = _grads(torch.tensor(v, dtype=torch.float64), torch.tensor(s, dtype=torch.float64),
+                    *grid(bits, signed), torch.tensor(go, dtype=torch.float64))
+    torch.testing.assert_close(gv, torch.tensor(grad_v, dtype=torch.float64))
+    assert gs.shape == ()
+    assert gs.item() == pytest.approx(grad_s, abs=1e-12)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_gradients_match_finite_differences(bits: int, signed: bool) -> None:
+    """Central differences in float64, at points away from rounding and clipping boundaries.
+
+    1. LSQ's STE gradient is the exact gradient of ``s * (clamp(v/s, l, u) + c)`` with the
+       rounding residual ``c = clamp(round(x0)) - clamp(x0)`` held constant: both ``dL/dv`` and
+       ``dL/ds`` must match its finite differences.
+    2. The true quantizer is piecewise linear in ``s`` there, and LSQ's ``dL/ds`` differs from
+       its finite difference only by the straight-through term ``-x`` inside the range.
+    """
+    lower, upper = _levels(bits, signed)
+    s0 = 0.013
+    v0 = _grid_points(bits, signed, s0, 600, seed=100 + bits)
+    go = torch.randn(len(v0), generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    s = torch.tensor(s0, dtype=torch.float64)
+    gv, gs = _grads(v0, s, lower, upper, go)
+
+    x0 = v0 / s0
+    c = x0.round().clamp(lower, upper) - x0.clamp(lower, upper)
+
+    def ste_surrogate(v: torch.Tensor, scale: float) -> torch.Tensor:
+        return scale * ((v / scale).clamp(lower, upper) + c)
+
+    h_v = 1e-5 * s0
+    fd_v = (ste_surrogate(v0 + h_v, s0) - ste_surrogate(v0 - h_v, s0)) / (2 * h_v) * go
+    torch.testing.assert_close(gv, fd_v, rtol=1e-6, atol=1e-8)
+
+    h_s = 1e-5 * s0
+    fd_s = ((ste_surrogate(v0, s0 + h_s) * go).sum()
+            - (ste_surrogate(v0, s0 - h_s) * go).sum()) / (2 * h_s)
+    assert gs.item() == pytest.approx(fd_s.item(), rel=1e-7, abs=1e-5)
+
+    def true_loss(scale: float) -> float:
+        return (lsq_quantize(v0, torch.tensor(scale, dtype=torch.float64), lower, upper)
+                * go).sum().item()
+
+    fd_true = (true_loss(s0 + h_s) - true_loss(s0 - h_s)) / (2 * h_s)
+    inside = (x0 >= lower) & (x0 <= upper)
+    assert gs.item() == pytest.approx(fd_true - (go * x0 * inside).sum().item(), rel=1e-7,
+                                      abs=1e-5)
+
+
+def test_grad_scale_multiplies_only_the_scale_gradient() -> None:
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(200, generator=gen, dtype=torch.float64)
+    go = torch.randn(200, generator=gen, dtype=torch.float64)
+    s = torch.tensor(0.1, dtype=torch.float64)
+    gv1, gs1 = _grads(v, s, -8, 7, go, grad_scale=1.0)
+    gv2, gs2 = _grads(v, s, -8, 7, go, grad_scale=0.37)
+    torch.testing.assert_close(gv2, gv1)
+    assert gs2.item() == pytest.approx(0.37 * gs1.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("is_weight, shapes", [
+    (True, [(16, 8, 3, 3)]),
+    (False, [(2, 8, 5, 5), (7, 8, 5, 5)]),  # per-example count: independent of the batch size
+])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lsq_gradient_scale_option(is_weight: bool, shapes: list, bits: int) -> None:
+    """On: ``g = 1 / sqrt(N * u)``, ``N`` = numel (weights) or features per example
+    (activations). Off: ``g = 1``. Checked on the scale's actual gradient."""
+    signed = is_weight
+    upper = _levels(bits, signed)[1]
+    for shape in shapes:
+        gen = torch.Generator().manual_seed(len(shape) + shape[0])
+        v = torch.randn(shape, generator=gen)
+        if not signed:
+            v = v.relu()
+        go = torch.randn(shape, generator=gen)
+        n = math.prod(shape) if is_weight else math.prod(shape[1:])
+        expected_g = 1.0 / math.sqrt(n * upper)
+
+        grads = {}
+        for option in (True, False):
+            quantizer = LSQQuantizer(bits, signed=signed, is_weight=is_weight,
+                                     lsq_grad_scale=option)
+            assert quantizer.grad_scale(v) == pytest.approx(expected_g if option else 1.0)
+            vv = v.clone().requires_grad_(True)
+            (quantizer(vv) * go).sum().backward()
+            grads[option] = (vv.grad, quantizer.scale.grad.item())
+        torch.testing.assert_close(grads[True][0], grads[False][0])
+        assert grads[False][1] != 0
+        assert grads[True][1] == pytest.approx(expected_g * grads[False][1], rel=1e-5)
+
+
+# --- MSE range initialisation ----------------------------------------------------------------
+
+
+def _mse(v: torch.Tensor, s: torch.Tensor, lower: int, upper: int) -> torch.Tensor:
+    """Mean squared quantization error for each scale in ``s`` (1-d)."""
+    x = v[None, :] / s[:, None]
+    return (x.round().clamp(lower, upper) * s[:, None] - v[None, :]).pow(2).mean(dim=1)
+
+
+def _sample(signed: bool, magnitude: float, n: int = 2048) -> torch.Tensor:
+    """Stratified standard-normal sample (the ``(i + 0.5) / n`` quantiles), scaled; its ReLU for
+    unsigned grids. Evenly spread values keep the MSE-vs-scale curve free of sampling noise."""
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    v = math.sqrt(2) * torch.erfinv(2 * p - 1)
+    return magnitude * (v if signed else v.relu())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_mse_scale_matches_brute_force(bits: int, signed: bool) -> None:
+    """Conv-weight-sized (signed, std 0.02) and post-ReLU (unsigned) tensors: the chosen scale's
+    MSE is within 3% (its grid's resolution is 1% of the range) of the best of 625 scales
+    spanning 0..125% of the tensor's range."""
+    lower, upper = _levels(bits, signed)
+    v = _sample(signed, 0.02 if signed else 3.0)
+    s = mse_scale(v, lower, upper).double()
+    top = v.abs().max() if signed else v.max()
+    fine = torch.linspace(0, 1.25, 626, dtype=torch.float64)[1:] * top / upper
+    best = _mse(v, fine, lower, upper).min()
+    got = _mse(v, s.reshape(1), lower, upper)[0]
+    assert got <= 1.03 * best, (got / best).item()
+    if bits <= 3:  # min-max calibration is clearly worse here: the test can tell them apart
+        assert got < 0.7 * _mse(v, (top / upper).reshape(1), lower, upper)[0]
+
+
+@pytest.mark.parametrize("magnitude", [1e-4, 1.0, 1e3])
+def test_mse_scale_grid_is_relative_to_the_tensor(magnitude: float) -> None:
+    v = _sample(True, 1.0)
+    base = mse_scale(v, -8, 7)
+    assert mse_scale(magnitude * v, -8, 7).item() == pytest.approx(magnitude * base.item(),
+                                                                    rel=1e-5)
+
+
+def test_mse_scale_degenerate_inputs() -> None:
+    assert mse_scale(torch.zeros(10), -8, 7).item() == 1.0
+    assert mse_scale(-torch.rand(10), 0, 15).item() == 1.0  # nothing above zero to quantize
+    with pytest.raises(ValueError, match="inf/nan"):
+        mse_scale(torch.tensor([1.0, float("nan")]), -8, 7)
+
+
+def test_quantizer_initialises_once_from_its_first_input() -> None:
+    """Weights calibrate from the weights, activations from the first batch only; the flag is a
+    buffer, so a restored quantizer does not re-calibrate."""
+    gen = torch.Generator().manual_seed(3)
+    first = torch.randn(8, 16, 5, 5, generator=gen).relu()
+    second = 10 * torch.randn(8, 16, 5, 5, generator=gen).relu()
+    quantizer = LSQQuantizer(4, signed=False, is_weight=False)
+    assert isinstance(quantizer.scale, torch.nn.Parameter)
+    assert not bool(quantizer.initialized)
+    quantizer(first)
+    assert bool(quantizer.initialized)
+    assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
+    quantizer(second)
+    assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
+
+    restored = LSQQuantizer(4, signed=False, is_weight=False)
+    restored.load_state_dict(quantizer.state_dict(), strict=True)
+    restored(second)
+    assert restored.scale.item() == quantizer.scale.item()
