@@ -6,6 +6,8 @@ straight-through estimator for the rounding. Weights use the signed grid
 """
 
 import math
+import os
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -31,27 +33,83 @@ class LSQFunction(torch.autograd.Function):
     def forward(ctx, v, scale, lower: int, upper: int, grad_scale: float):
         ctx.save_for_backward(v, scale)
         ctx.bounds = (lower, upper, grad_scale)
-        return torch.clamp(torch.round(v / scale), lower, upper) * scale
+        return _kernels.forward(v, scale, lower, upper)
 
     @staticmethod
     def backward(ctx, grad_out):
         v, scale = ctx.saved_tensors
         lower, upper, grad_scale = ctx.bounds
-        x = v / scale
-        below, above = x < lower, x > upper
-        inside = ~(below | above)
-        grad_v = grad_out * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            ds = torch.where(below, float(lower), torch.where(above, float(upper), torch.round(x) - x))
-            grad_s = (grad_out * ds).sum().reshape(scale.shape) * grad_scale
+        need_v, need_s = ctx.needs_input_grad[:2]
+        grad_v, grad_s = _kernels.backward(grad_out, v, scale, lower, upper, need_v, need_s)
+        if grad_s is not None:
+            grad_s = grad_s.reshape(scale.shape) * grad_scale
         return grad_v, grad_s, None, None, None
+
+
+def _promote(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``v`` in at least the scale's precision: under bf16 autocast the quantizer computes in
+    float32 (``round(x) - x`` in bf16 would swamp the scale gradient); a no-op otherwise."""
+    return v.to(torch.promote_types(v.dtype, scale.dtype))
+
+
+def _forward(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int) -> torch.Tensor:
+    """``clamp(round(v / s), l, u) * s`` in one buffer (the ops of the formula, in place)."""
+    return (_promote(v, scale) / scale).round_().clamp_(lower, upper).mul_(scale)
+
+
+def _backward(grad_out: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, lower: int,
+              upper: int, need_v: bool, need_s: bool
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``dL/dv`` and the unscaled ``dL/ds`` of :class:`LSQFunction`. With ``x = v / s`` and
+    ``c = clamp(x, l, u)``, ``x`` is outside the range iff ``c != x``, and ``round(c)`` minus
+    (``x`` inside, 0 outside) is ``round(x) - x`` inside, ``l`` below, ``u`` above. Masks
+    select (``where``, ``masked_fill_``): multiplying by a bool mask copies it to floats."""
+    x = _promote(v, scale) / scale
+    c = x.clamp(lower, upper)
+    outside = c != x
+    grad_v = torch.where(outside, 0.0, grad_out) if need_v else None
+    grad_s = (c.round_().sub_(x.masked_fill_(outside, 0.0)).mul_(grad_out).sum()
+              if need_s else None)
+    return grad_v, grad_s
+
+
+# The kernels LSQFunction calls: eager by default, or compiled by compile_kernels (one fused
+# pass each; outputs and dL/dv bit-identical to eager, dL/ds equal up to summation order).
+_kernels = SimpleNamespace(forward=_forward, backward=_backward)
+COMPILE_ENV = "DOMAINBED_GAQAT_COMPILE"
+
+
+def compile_kernels(enable: bool = True, **compile_options) -> None:
+    """Run every :class:`LSQFunction` through ``torch.compile``-d kernels (``enable=False``:
+    back to eager). Optional and off by default; ``$DOMAINBED_GAQAT_COMPILE=1`` turns it on at
+    import, which reaches the training processes a DomainBed sweep launches. The first calls
+    compile (tens of seconds on a CPU; a C++ or Triton tool chain is needed); shapes are
+    dynamic, so ResNet's many tensor shapes share the kernels."""
+    if enable:
+        options = {"dynamic": True, **compile_options}
+        _kernels.forward = torch.compile(_forward, **options)
+        _kernels.backward = torch.compile(_backward, **options)
+    else:
+        _kernels.forward, _kernels.backward = _forward, _backward
 
 
 def lsq_quantize(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int,
                  grad_scale: float = 1.0) -> torch.Tensor:
     """Functional LSQ fake quantization (see :class:`LSQFunction`)."""
     return LSQFunction.apply(v, scale, lower, upper, grad_scale)
+
+
+def lsq_reference(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int,
+                  grad_scale: float = 1.0) -> torch.Tensor:
+    """Plain-autograd LSQ, the reference :func:`lsq_quantize` is tested against: the STE
+    through ``detach`` on ``round(clamp(v / s, l, u))`` and the gradient scale through
+    ``s.detach() + (s - s.detach()) * g``, whose value is exactly ``s``. The clamp passes
+    gradients on the closed range ``[l, u]`` (``torch.clamp``'s own backward excludes the
+    bounds)."""
+    s = scale.detach() + (scale - scale.detach()) * grad_scale
+    x = v / s
+    x = torch.where((x >= lower) & (x <= upper), x, x.detach().clamp(lower, upper))
+    return ((torch.round(x) - x).detach() + x) * s
 
 
 def mse_scale(v: torch.Tensor, lower: int, upper: int, n_grid: int = 100) -> torch.Tensor:
@@ -67,9 +125,12 @@ def mse_scale(v: torch.Tensor, lower: int, upper: int, n_grid: int = 100) -> tor
         raise ValueError("cannot initialise a quantizer scale from a tensor with inf/nan values")
     if m == 0:
         return torch.ones((), device=v.device)
-    candidates = torch.arange(1, n_grid + 1, device=v.device, dtype=v.dtype) * (m / (n_grid * upper))
+    step = m / (n_grid * upper)
+    candidates = torch.arange(1, n_grid + 1, device=v.device, dtype=v.dtype) * step
+    buf = torch.empty_like(v)  # ||clamp(round(v / s), l, u) * s - v||^2, in place in one buffer
     errors = torch.stack([
-        (torch.clamp(torch.round(v / s), lower, upper) * s - v).pow(2).sum() for s in candidates
+        torch.div(v, s, out=buf).round_().clamp_(lower, upper).mul_(s).sub_(v).pow_(2).sum()
+        for s in candidates
     ])
     return candidates[torch.argmin(errors)]
 
@@ -126,3 +187,7 @@ class LSQQuantizer(nn.Module):
     def integers(self, v: torch.Tensor) -> torch.Tensor:
         """The integer codes ``clamp(round(v / s), l, u)`` (for export and inspection)."""
         return torch.clamp(torch.round(v / self.scale), self.lower, self.upper)
+
+
+if os.environ.get(COMPILE_ENV) == "1":
+    compile_kernels()

@@ -19,8 +19,10 @@ from torch import nn
 
 @contextmanager
 def frozen_bn_statistics(model: nn.Module):
-    """Run forward passes without updating any BatchNorm running statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Run forward passes without updating any BatchNorm running statistics (BatchNorms in
+    eval mode, e.g. the frozen ones of the shared featurizer, never update them: skipped)."""
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     momenta = [bn.momentum for bn in bns]
     tracked = [bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
                for bn in bns]
@@ -53,7 +55,7 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
         p.grad = None
     loss = loss_fn()
     loss.backward()
-    g = [t.clone() for t in _grads(weights)]
+    g = _grads(weights)  # kept as they are: the second backward allocates fresh gradients
     g_task = torch.stack(_grads(scales)) if scales else torch.zeros(0)
 
     with torch.no_grad():

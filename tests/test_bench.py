@@ -1,0 +1,73 @@
+"""The step benchmark (issue 6) in its reduced mode: it runs and writes valid JSON with every
+ratio. No timing is asserted; the sync check needs CUDA."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import PYTHON, run
+
+from domainbed_gaqat import bench
+
+
+def test_quick_benchmark_writes_every_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run([PYTHON, "-m", "domainbed_gaqat.bench", "--quick", "--threads", "1",
+                "--out", str(out)], timeout=600)
+    data = json.loads(out.read_text())
+    assert set(data["variants"]) == {*bench.STEPS, *bench.PREDICTS, *bench.QUANTIZERS}
+    assert set(data["ratios"]) == set(bench.RATIOS)
+    for name, ratio in data["ratios"].items():
+        assert name in proc.stdout
+        assert math.isfinite(ratio["time"]["median"]) and ratio["time"]["median"] > 0
+        assert ratio["time"]["min"] <= ratio["time"]["median"] <= ratio["time"]["max"]
+    memory = [row["peak_memory_mib"] for name, row in data["variants"].items()
+              if name not in bench.QUANTIZERS]
+    if memory[0] is not None:  # Linux with glibc: every model variant is measured
+        assert all(m > 0 for m in memory)
+        assert data["ratios"]["LSQ/FP"]["memory"] > 0
+    assert data["config"]["quick"] and data["config"]["repeats"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary left
+
+
+def test_write_json_is_atomic_and_keeps_existing_files(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    bench.write_json(str(path), {"a": 1})
+    with pytest.raises(FileExistsError):
+        bench.write_json(str(path), {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    bench.write_json(str(path), {"a": 3}, overwrite=True)
+    assert json.loads(path.read_text()) == {"a": 3}
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]
+
+
+def test_existing_output_is_refused_before_running(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit, match="exists"):
+        bench.main(["--quick", "--out", str(out)])
+    assert out.read_text() == "{}"
+
+
+def test_summary_and_ratios_are_per_repeat():
+    times = {name: [1.0, 2.0, 4.0] for name in {n for r in bench.RATIOS.values() for n in r[:2]}}
+    times["LSQ"] = [1.2, 2.0, 6.0]
+    ratios = bench.ratios(times, {"LSQ": 3.0, "ERM_FP": 2.0})
+    assert ratios["LSQ/FP"]["time"]["median"] == pytest.approx(1.2)
+    assert ratios["LSQ/FP"]["time"]["max"] == pytest.approx(1.5)
+    assert ratios["LSQ/FP"]["memory"] == pytest.approx(1.5)
+    assert ratios["SAGM_LSQ/LSQ"]["memory"] is None
+    assert bench.summary([3.0]) == {"median": 3.0, "q1": 3.0, "q3": 3.0, "min": 3.0,
+                                    "max": 3.0, "n": 1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gaqat_step_does_not_synchronise_with_the_host():
+    args = bench.parse_args(["--quick", "--device", "cuda"])
+    device = torch.device("cuda")
+    alg = bench.build("GAQAT", args, device)
+    batch = bench.make_batch(args, device)
+    for _ in range(2):  # warm-up: range calibration synchronises, once
+        alg.update(batch)
+    bench.check_sync_free(alg, batch)  # K = 350: no window closes here
