@@ -272,7 +272,8 @@ def bit_widths(algorithm: nn.Module) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.export",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a DomainBed model.pkl of LSQ / SAGM_LSQ / GAQAT")
     p.add_argument("--n_random", type=runtools.positive_int, default=64,
                    help="random inputs for the onnxruntime check")
@@ -319,4 +320,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    runtools.run_cli(main)

@@ -106,7 +106,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.probe",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a DomainBed model.pkl of LSQ / SAGM_LSQ / GAQAT")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data_dir", default=None, help="default: the checkpoint's")
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    runtools.run_cli(main)

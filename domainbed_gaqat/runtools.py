@@ -9,6 +9,7 @@ algorithm, and no-clobber atomic output files.
 import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
@@ -320,6 +321,15 @@ def finish(paths: Sequence[str]) -> None:
     directories = sorted({os.path.dirname(os.path.abspath(p)) for p in paths})
     names = ", ".join(os.path.basename(p) for p in paths)
     print(f"Wrote {len(paths)} files to {', '.join(directories)}: {names}")
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a command's ``main``; bad input (missing file, existing output, invalid value)
+    ends with ``error: <message>`` and exit status 1 instead of a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        sys.exit(f"error: {err}")
 
 
 def positive_int(text: str) -> int:

@@ -154,7 +154,8 @@ def figure_2d(alphas: np.ndarray, betas: np.ndarray, losses: dict[str, np.ndarra
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.surface",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="one or two DomainBed model.pkl")
     p.add_argument("--labels", nargs="+", default=None, help="default: each run's algorithm")
     p.add_argument("--dataset", default=None, help="default: the first checkpoint's")
@@ -248,4 +249,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    runtools.run_cli(main)

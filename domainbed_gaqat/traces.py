@@ -170,14 +170,30 @@ def record_traces(algorithm: nn.Module, minibatches, steps: int, every: int, K: 
 # --- figures -------------------------------------------------------------------------------
 
 
-def _panels(df: pd.DataFrame, rows: int = 1, height: float = 3.2):
-    groups = [g for g in GROUPS if g in set(df["group"])]
-    fig = Figure(figsize=(4.6 * len(groups), height * rows), layout="constrained")
-    axes = fig.subplots(rows, len(groups), squeeze=False)
-    return fig, groups, axes
+def _groups(df: pd.DataFrame) -> list[str]:
+    return [g for g in GROUPS if g in set(df["group"])]
 
 
-def _colors(labels):
+def _grid(df: pd.DataFrame, title: str, ylabel: str) -> tuple[Figure, list]:
+    """One panel per layer group, two panels a row, legends to the right of each panel."""
+    groups = _groups(df)
+    rows = -(-len(groups) // 2)
+    fig = Figure(figsize=(16, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, 2, squeeze=False).ravel()
+    for ax in axes[len(groups):]:
+        ax.set_visible(False)
+    for ax in axes[:len(groups)]:
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    return fig, list(zip(groups, axes))
+
+
+def _legend(ax, n: int) -> None:
+    ax.legend(fontsize=6, ncol=1 if n <= 16 else 2, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def _colors(labels) -> dict:
     from matplotlib import colormaps
 
     cmap = colormaps["tab20"]
@@ -186,9 +202,10 @@ def _colors(labels):
 
 def figure_gradients(grads: pd.DataFrame, title: str) -> Figure:
     """Figures 2/5: per-block sums of ``g_task`` (solid) and ``g_smooth`` (dashed) per scale."""
-    fig, groups, axes = _panels(grads)
     has_smooth = grads["g_smooth"].notna().any()
-    for ax, group in zip(axes[0], groups):
+    ylabel = "block sum: g_task (solid)" + (", g_smooth (dashed)" if has_smooth else "")
+    fig, panels = _grid(grads, title, ylabel)
+    for group, ax in panels:
         sub = grads[grads["group"] == group]
         colors = _colors(sub["label"].unique())
         for label, rows in sub.groupby("label", sort=False):
@@ -198,18 +215,14 @@ def figure_gradients(grads: pd.DataFrame, title: str) -> Figure:
                 ax.plot(rows["step"], rows["g_smooth"], "--", lw=1, color=colors[label])
         ax.axhline(0.0, color="0.6", lw=0.5)
         ax.set_title(group)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6, ncol=2)
-    axes[0][0].set_ylabel("block sum of g_task (solid)" + (" / g_smooth (dashed)"
-                                                           if has_smooth else ""))
-    fig.suptitle(title)
+        _legend(ax, len(colors))
     return fig
 
 
 def figure_disorder(disorder: pd.DataFrame, title: str) -> Figure:
     """Figure 3: task (solid) and smooth (dashed) gradient disorder per window of K steps."""
-    fig, groups, axes = _panels(disorder)
-    for ax, group in zip(axes[0], groups):
+    fig, panels = _grid(disorder, title, "disorder: task (solid), smooth (dashed)")
+    for group, ax in panels:
         sub = disorder[disorder["group"] == group]
         colors = _colors(sub["label"].unique())
         for (label, stream), rows in sub.groupby(["label", "stream"], sort=False):
@@ -217,41 +230,42 @@ def figure_disorder(disorder: pd.DataFrame, title: str) -> Figure:
                     lw=1, color=colors[label], label=label if stream == "task" else None)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(group)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6, ncol=2)
-    axes[0][0].set_ylabel("gradient disorder: task (solid) / smooth (dashed)")
-    fig.suptitle(title)
+        _legend(ax, len(colors))
     return fig
 
 
 def figure_freezing(grads: pd.DataFrame, title: str) -> Figure:
-    """Figure 4: top, the fraction of each block a scale was frozen; bottom, the applied
-    scale gradients (block sums), with crosses on blocks where the scale was frozen (updated
-    by ``g_smooth`` only)."""
-    fig, groups, axes = _panels(grads, rows=2, height=3.6)
-    for col, group in enumerate(groups):
+    """Figure 4, one row per layer group: left, the fraction of each block a scale was frozen;
+    right, the applied scale gradients (block sums), crosses on blocks where the scale was
+    frozen (then updated by ``g_smooth`` only)."""
+    groups = _groups(grads)
+    fig = Figure(figsize=(16, 3.6 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 2, squeeze=False, width_ratios=(1, 1.6))
+    for (left, right), group in zip(axes, groups):
         sub = grads[grads["group"] == group]
         labels = list(sub["label"].unique())
         frac = (sub["frozen_steps"] / sub["steps_in_block"]).to_numpy()
         heat = frac.reshape(-1, len(labels)).T  # rows: scales, columns: blocks
         steps = sub["step"].unique()
-        ax = axes[0][col]
-        ax.imshow(heat, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
-                  extent=(0, len(steps), len(labels) - 0.5, -0.5))
-        ax.set_yticks(range(len(labels)), labels, fontsize=6)
-        ax.set_xticks(np.arange(len(steps)) + 0.5, [str(s) for s in steps], fontsize=6,
-                      rotation=90)
-        ax.set_title(f"{group}: frozen fraction of each block")
+        image = left.imshow(heat, aspect="auto", interpolation="nearest", cmap="Blues",
+                            vmin=0, vmax=1, extent=(0, len(steps), len(labels) - 0.5, -0.5))
+        left.set_yticks(range(len(labels)), labels, fontsize=6)
+        ticks = np.arange(0, len(steps), max(1, len(steps) // 10))
+        left.set_xticks(ticks + 0.5, [str(steps[i]) for i in ticks], fontsize=6)
+        left.set_xlabel("block (last step)")
+        left.set_title(f"{group}: frozen fraction of each block", fontsize=9)
+        fig.colorbar(image, ax=left, fraction=0.05)
         colors = _colors(labels)
-        ax = axes[1][col]
         for label, rows in sub.groupby("label", sort=False):
-            ax.plot(rows["step"], rows["g_applied"], "-", lw=1, color=colors[label], label=label)
+            right.plot(rows["step"], rows["g_applied"], "-", lw=1, color=colors[label],
+                       label=label)
             frozen = rows[rows["frozen_steps"] > 0]
-            ax.plot(frozen["step"], frozen["g_applied"], "x", ms=4, color=colors[label])
-        ax.axhline(0.0, color="0.6", lw=0.5)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=6, ncol=2)
-    axes[1][0].set_ylabel("applied scale gradient, block sum (x: frozen)")
+            right.plot(frozen["step"], frozen["g_applied"], "x", ms=4, color=colors[label])
+        right.axhline(0.0, color="0.6", lw=0.5)
+        right.set_xlabel("step")
+        right.set_ylabel("applied gradient, block sum (x: frozen)", fontsize=8)
+        right.set_title(f"{group}: applied scale gradients", fontsize=9)
+        _legend(right, len(labels))
     fig.suptitle(title)
     return fig
 
@@ -285,7 +299,8 @@ def write_outputs(grads: pd.DataFrame, disorder: pd.DataFrame, output_dir: str, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.traces",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--algorithm", default="GAQAT")
     p.add_argument("--dataset", default="RotatedDigits")
@@ -358,4 +373,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    runtools.run_cli(main)

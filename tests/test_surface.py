@@ -61,13 +61,13 @@ def test_two_checkpoints_centre_is_the_model_loss(models, tmp_path) -> None:
     rows_2d = pd.read_csv(tmp_path / "surface_2d.csv")
     assert len(rows_1d) == 2 * 3 and len(rows_2d) == 2 * 9
     assert list(grid["labels"]) == ["GAQAT W4", "LSQ W3"]
+    # the first checkpoint's data: env 5 (its test env), DomainBed's 'in' split
+    data = runtools.Data.from_checkpoint(runtools.load_checkpoint(models[0]))
+    split = data.split(5, "in")
+    x = torch.stack([split[i][0] for i in range(n)])
+    y = torch.tensor([split[i][1] for i in range(n)])
     for m, path in enumerate(models):
-        algorithm, ckpt = runtools.load_algorithm(path)
-        # the first checkpoint's data: env 5 (its test env), DomainBed's 'in' split
-        data = runtools.Data.from_checkpoint(runtools.load_checkpoint(models[0]))
-        split = data.split(5, "in")
-        x = torch.stack([split[i][0] for i in range(n)])
-        y = torch.tensor([split[i][1] for i in range(n)])
+        algorithm, _ = runtools.load_algorithm(path)
         with torch.no_grad():
             want = F.cross_entropy(algorithm.predict(x), y).item()
         assert grid[f"loss_1d_{m}"][1] == pytest.approx(want, rel=1e-5)
