@@ -36,7 +36,10 @@ def test_sweep_then_collect_results_shows_the_lsq_row(tmp_path):
          "--steps", "3", "--n_hparams", "1", "--n_trials", "1", "--single_test_envs",
          "--skip_confirmation", "--data_dir", str(tmp_path / "data"), "--output_dir", str(out),
          "--hparams", json.dumps({"batch_size": 8})],
-        cwd=tmp_path, timeout=1200)
+        # One thread per job: the jobs run one after another, and on a busy 2-core machine
+        # two OpenMP threads each spin-wait for the other (the MSE calibration of the first
+        # step took 25x longer that way).
+        cwd=tmp_path, timeout=1200, OMP_NUM_THREADS="1")
 
     # The local launcher ignores failures: every job must have finished.
     jobs = sorted(p for p in out.iterdir() if p.is_dir())
