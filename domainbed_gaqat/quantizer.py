@@ -33,14 +33,16 @@ class LSQFunction(torch.autograd.Function):
     def forward(ctx, v, scale, lower: int, upper: int, grad_scale: float):
         ctx.save_for_backward(v, scale)
         ctx.bounds = (lower, upper, grad_scale)
-        return _kernels.forward(v, scale, lower, upper)
+        # plain tensors: compiled kernels would specialise on every Parameter's shape
+        return _kernels.forward(v.detach(), scale.detach(), lower, upper)
 
     @staticmethod
     def backward(ctx, grad_out):
         v, scale = ctx.saved_tensors
         lower, upper, grad_scale = ctx.bounds
         need_v, need_s = ctx.needs_input_grad[:2]
-        grad_v, grad_s = _kernels.backward(grad_out, v, scale, lower, upper, need_v, need_s)
+        grad_v, grad_s = _kernels.backward(grad_out, v.detach(), scale.detach(), lower, upper,
+                                           need_v, need_s)
         if grad_s is not None:
             grad_s = grad_s.reshape(scale.shape) * grad_scale
         return grad_v, grad_s, None, None, None

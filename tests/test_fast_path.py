@@ -105,6 +105,24 @@ def test_compiled_kernels_match_eager():
     assert quantizer._kernels.forward is quantizer._forward
 
 
+def test_compiled_kernels_are_shared_by_weights_of_every_shape():
+    """Dynamo specialises on a Parameter's shape; the kernels get plain tensors, so a ResNet's
+    many weight shapes do not exhaust its recompile limit (then falling back to eager)."""
+    from torch._dynamo.utils import counters
+
+    lower, upper = grid(4, signed=True)
+    try:
+        quantizer.compile_kernels()
+        graphs = []
+        for c in (24, 32, 40, 48, 64, 80, 96, 128, 160, 192):  # all > 4096 elements
+            weight = nn.Parameter(torch.randn(c, c, 3, 3))
+            lsq_quantize(weight, nn.Parameter(torch.tensor(0.1)), lower, upper).sum().backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    finally:
+        quantizer.compile_kernels(False)
+    assert graphs[-1] == graphs[0], graphs  # the first shape compiled them; the rest reuse
+
+
 def test_compile_environment_switch():
     code = ("from domainbed_gaqat import quantizer as q; "
             "assert q._kernels.forward is not q._forward, 'not compiled'")
