@@ -1,22 +1,27 @@
 """A ``submitit`` command launcher for DomainBed's ``command_launchers.REGISTRY``.
 
-``--command_launcher submitit`` submits the sweep's commands as one Slurm job array (or runs
-them through submitit's local executor), each with the Python interpreter that launched the
-sweep. Settings come from the environment:
+``--command_launcher submitit`` submits a sweep's commands as one Slurm job array (or runs them
+through submitit's local executor), each with the Python interpreter that launched the sweep.
+Settings come from the defaults below, then a sweep config's ``slurm`` sections (``gaqat-sweep``
+only), then the environment, which wins:
 
-==============================  ==========================================  =============
-variable                        meaning                                     default
-==============================  ==========================================  =============
-GAQAT_SUBMITIT_CLUSTER          ``slurm``, ``local`` or ``debug``            auto-detect
-GAQAT_SUBMITIT_FOLDER           logs and pickles of the jobs                ``submitit_logs``
-GAQAT_SLURM_PARTITION           Slurm partition                             (cluster default)
-GAQAT_SLURM_TIME                time limit per job, minutes (explicit)      ``1440``
-GAQAT_SLURM_GPUS                GPUs per job                                ``1``
-GAQAT_SLURM_CPUS                CPUs per job                                ``8``
-GAQAT_SLURM_MEM_GB              memory per job, GB                          ``32``
-GAQAT_SLURM_ARRAY_PARALLELISM   jobs of the array running at once           ``64``
-GAQAT_SUBMITIT_WAIT             ``1``: block until every job finished       ``0``
-==============================  ==========================================  =============
+===================  ================================  ==========================================
+setting              environment variable              default
+===================  ================================  ==========================================
+cluster              GAQAT_SUBMITIT_CLUSTER            auto: ``slurm`` if sbatch exists, else
+                                                       ``local`` (``debug``: in-process)
+folder               GAQAT_SUBMITIT_FOLDER             ``submitit_logs`` (logs, pickled jobs)
+partition            GAQAT_SUBMITIT_PARTITION          the cluster's default partition
+time_min             GAQAT_SUBMITIT_TIME_MIN           ``1440``: explicit time limit per job
+gpus                 GAQAT_SUBMITIT_GPUS               ``1`` per job
+cpus                 GAQAT_SUBMITIT_CPUS               ``8`` per job
+mem_gb               GAQAT_SUBMITIT_MEM_GB             ``32`` per job
+array_parallelism    GAQAT_SUBMITIT_ARRAY_PARALLELISM  ``64`` jobs of the array at once
+wait                 GAQAT_SUBMITIT_WAIT               ``0``; ``1``: return when all jobs ended
+===================  ================================  ==========================================
+
+submitit's local executor starts every job at once, on the same GPUs: it is for tests; on one
+machine use DomainBed's ``local`` or ``multi_gpu`` launchers.
 """
 
 import os
@@ -25,14 +30,51 @@ import shlex
 import subprocess
 import sys
 
+CLUSTERS = ("slurm", "local", "debug")
+# name: (environment variable, default, type)
+SETTINGS: dict[str, tuple[str, object, type]] = {
+    "cluster": ("GAQAT_SUBMITIT_CLUSTER", None, str),
+    "folder": ("GAQAT_SUBMITIT_FOLDER", "submitit_logs", str),
+    "partition": ("GAQAT_SUBMITIT_PARTITION", None, str),
+    "time_min": ("GAQAT_SUBMITIT_TIME_MIN", 1440, int),
+    "gpus": ("GAQAT_SUBMITIT_GPUS", 1, int),
+    "cpus": ("GAQAT_SUBMITIT_CPUS", 8, int),
+    "mem_gb": ("GAQAT_SUBMITIT_MEM_GB", 32, int),
+    "array_parallelism": ("GAQAT_SUBMITIT_ARRAY_PARALLELISM", 64, int),
+    "wait": ("GAQAT_SUBMITIT_WAIT", False, bool),
+}
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    if not value:
-        return default
-    if not re.fullmatch(r"\d+", value.strip()):
-        raise ValueError(f"${name}={value!r}: expected a non-negative integer")
-    return int(value)
+
+def _from_env(name: str, kind: type, text: str) -> object:
+    if kind is str:
+        return text
+    pattern = r"[01]" if kind is bool else r"\d+"
+    if not re.fullmatch(pattern, text.strip()):
+        expected = "0 or 1" if kind is bool else "a non-negative integer"
+        raise ValueError(f"${name}={text!r}: expected {expected}")
+    return kind(int(text))
+
+
+def settings(config: dict | None = None) -> dict:
+    """Launcher settings: defaults, then ``config`` (a sweep's ``slurm`` section), then env."""
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise ValueError(f"slurm settings {config!r}: expected a dict")
+    unknown = set(config) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"slurm settings {sorted(unknown)}: expected some of {sorted(SETTINGS)}")
+    result = {}
+    for name, (variable, default, kind) in SETTINGS.items():
+        value = config.get(name, default)
+        if value is not None and (type(value) is not kind or (kind is int and value < 0)):
+            expected = {int: "an integer >= 0", str: "a string", bool: "true or false"}[kind]
+            raise ValueError(f"slurm setting {name}={value!r}: expected {expected}")
+        if os.environ.get(variable):
+            value = _from_env(variable, kind, os.environ[variable])
+        result[name] = value
+    if result["cluster"] not in (None, *CLUSTERS):
+        raise ValueError(f"cluster {result['cluster']!r}: expected one of {CLUSTERS}")
+    return result
 
 
 def with_this_python(command: str) -> str:
@@ -45,42 +87,35 @@ def run_command(command: str) -> None:
     subprocess.run(command, shell=True, check=True)
 
 
-def make_executor():
-    """A submitit executor configured from the environment (see the module docstring)."""
+def make_executor(config: dict | None = None):
+    """A submitit executor configured by :func:`settings`."""
     import submitit
 
-    cluster = os.environ.get("GAQAT_SUBMITIT_CLUSTER") or None
-    if cluster not in (None, "slurm", "local", "debug"):
-        raise ValueError(f"$GAQAT_SUBMITIT_CLUSTER={cluster!r}: expected slurm, local or debug")
-    folder = os.environ.get("GAQAT_SUBMITIT_FOLDER", "submitit_logs")
-    executor = submitit.AutoExecutor(folder=os.path.join(folder, "%j"), cluster=cluster)
-    params = {
-        "timeout_min": _env_int("GAQAT_SLURM_TIME", 1440),
-        "gpus_per_node": _env_int("GAQAT_SLURM_GPUS", 1),
-        "cpus_per_task": _env_int("GAQAT_SLURM_CPUS", 8),
-        "mem_gb": _env_int("GAQAT_SLURM_MEM_GB", 32),
-        "slurm_array_parallelism": _env_int("GAQAT_SLURM_ARRAY_PARALLELISM", 64),
-    }
-    if os.environ.get("GAQAT_SLURM_PARTITION"):
-        params["slurm_partition"] = os.environ["GAQAT_SLURM_PARTITION"]
-    if executor.cluster != "slurm":
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
-        params["gpus_per_node"] = 0 if executor.cluster == "local" else params["gpus_per_node"]
+    s = settings(config)
+    executor = submitit.AutoExecutor(folder=os.path.join(s["folder"], "%j"), cluster=s["cluster"])
+    params = {"name": "domainbed", "timeout_min": s["time_min"], "gpus_per_node": s["gpus"],
+              "cpus_per_task": s["cpus"], "mem_gb": s["mem_gb"],
+              "slurm_array_parallelism": s["array_parallelism"]}
+    if s["partition"]:
+        params["slurm_partition"] = s["partition"]
     executor.update_parameters(**params)
     return executor
 
 
-def submitit_launcher(commands: list[str]) -> list:
-    """DomainBed launcher: submit ``commands`` as one job array; returns the submitit jobs."""
+def submitit_launcher(commands: list[str], config: dict | None = None) -> list:
+    """DomainBed launcher: submit ``commands`` as one job array; returns the submitit jobs.
+    With ``wait``, blocks until all ended and reports the failed ones."""
     if not commands:
         return []
-    executor = make_executor()
+    executor = make_executor(config)
     jobs = executor.map_array(run_command, [with_this_python(c) for c in commands])
-    print(f"submitit: {len(jobs)} jobs submitted ({executor.cluster}), "
-          f"first id {jobs[0].job_id}, logs in {os.environ.get('GAQAT_SUBMITIT_FOLDER', 'submitit_logs')}")
-    if os.environ.get("GAQAT_SUBMITIT_WAIT", "0") == "1":
-        for job in jobs:
-            job.result()
+    print(f"submitit: {len(jobs)} jobs submitted to {executor.cluster}, first id "
+          f"{jobs[0].job_id}, logs in {jobs[0].paths.folder.parent}")
+    if settings(config)["wait"]:
+        failed = [job for job in jobs if job.exception() is not None]
+        for job in failed:
+            print(f"submitit: job {job.job_id} failed, see {job.paths.stderr}")
+        print(f"submitit: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded")
     return jobs
 
 

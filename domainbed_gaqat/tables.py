@@ -1,0 +1,224 @@
+"""``gaqat-tables``: the paper's tables from sweep outputs.
+
+    gaqat-tables CONFIG [CONFIG ...] --output_dir OUT --data_dir DATA   # the runs of sweeps/
+    gaqat-tables --input_dir DIR [DIR ...] [--eval_from STEP]           # any run folders
+        [--selection test|test_last|train] [--split_by HPARAM ...] [--format markdown|latex|csv]
+
+Rows: algorithm and W/A bit-width ("Full" for full precision), optionally split by hparams
+(Tables 5 and 6). Columns: the test domains, each "val/test", and Avg. A cell is the mean +-
+standard error over trials of the chosen checkpoint's accuracies (in %, DomainBed's
+convention: population std / sqrt(n)); the choice is made per (row, test-env group, trial)
+by :mod:`domainbed_gaqat.selection`; "val" is the mean training-domain validation accuracy and
+"test" the test-domain accuracy at that checkpoint (both domains of a DomainNet group share
+the group's run, so their val is the same, as in the paper's Table 3). Avg: per trial the
+mean over the domain columns, then mean +- standard error over the trials that have them all.
+Only finished runs count; unfinished ones, unreadable lines and jobs not launched are listed
+on stderr.
+"""
+
+import argparse
+import sys
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+from domainbed_gaqat.hparams import FAMILIES
+from domainbed_gaqat.results import Run, find_runs, read_run
+from domainbed_gaqat.selection import RULES, choose
+
+FORMATS = ("markdown", "latex", "csv")
+
+
+def row_of(run: Run, split_by: list[str]) -> tuple:
+    """``(algorithm, "W/A" or "Full", split values...)`` of a run."""
+    hparams = run.hparams
+    bits = f"{hparams['w_bits']}/{hparams['a_bits']}" if "w_bits" in hparams else "Full"
+    return (run.args["algorithm"], bits, *(hparams.get(k, "-") for k in split_by))
+
+
+def select_cells(entries: list[tuple[Run, int]], rule: str, split_by: list[str]) -> list[dict]:
+    """One chosen checkpoint per (dataset, row, test envs, trial) among finished runs."""
+    groups = defaultdict(list)
+    for run, eval_from in entries:
+        if run.done and run.records:
+            args = run.args
+            key = (args["dataset"], row_of(run, split_by), tuple(sorted(args["test_envs"])),
+                   args["trial_seed"])
+            groups[key].append((run, eval_from))
+    cells = []
+    for (dataset, row, test_envs, trial), candidates in groups.items():
+        choice = choose(candidates, rule)
+        if choice is not None:
+            cells.append({"dataset": dataset, "row": row, "test_envs": test_envs,
+                          "trial": trial, "val": 100 * choice.val, "run": choice.run.path,
+                          "tests": {e: 100 * a for e, a in choice.tests.items()}})
+    return cells
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values) / np.sqrt(len(values)))
+
+
+def _env_names(dataset: str) -> list[str] | None:
+    try:
+        from domainbed import datasets
+
+        return list(datasets.get_dataset_class(dataset).ENVIRONMENTS)
+    except (ImportError, NotImplementedError):
+        return None
+
+
+def _row_order(row: tuple) -> tuple:
+    algorithm, bits, *split = row
+    order = list(FAMILIES)
+    rank = (0, 0, 0) if bits == "Full" else (1, *(-int(b) for b in bits.split("/")))
+    return (rank, order.index(algorithm) if algorithm in order else len(order), algorithm,
+            *((str(type(v)), v) for v in split))
+
+
+def summarize(cells: list[dict], split_by: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Long table (one line per dataset, row and domain or Avg) and notes on skipped groups."""
+    by_row = defaultdict(lambda: defaultdict(dict))  # (dataset, row) -> test_envs -> trial -> cell
+    for cell in cells:
+        by_row[cell["dataset"], cell["row"]][cell["test_envs"]][cell["trial"]] = cell
+    lines, notes = [], []
+    for dataset in sorted({d for d, _ in by_row}):
+        columns = sorted({e for c in cells if c["dataset"] == dataset for e in c["test_envs"]})
+        names = _env_names(dataset) or [f"env{i}" for i in range(max(columns) + 1)]
+        for row in sorted((r for d, r in by_row if d == dataset), key=_row_order):
+            groups = by_row[dataset, row]
+            source = {}  # domain -> the test-env group it is read from: the smallest one
+            for group in sorted(groups, key=lambda g: (len(g), g)):
+                used = [e for e in group if e not in source]
+                source.update((e, group) for e in used)
+                if not used:
+                    notes.append(f"{dataset} {row}: runs with test envs {list(group)} not shown "
+                                 f"(each of their domains comes from a smaller group)")
+            per_trial = defaultdict(dict)  # trial -> domain -> (val, test)
+            for env in columns:
+                for trial, cell in groups.get(source.get(env), {}).items():
+                    per_trial[trial][env] = cell["val"], cell["tests"][env]
+            for env in [*columns, "Avg"]:
+                if env == "Avg":
+                    pairs = [np.mean(list(v.values()), axis=0) for v in per_trial.values()
+                             if len(v) == len(columns)]
+                else:
+                    pairs = [v[env] for v in per_trial.values() if env in v]
+                if pairs:
+                    (vm, vs), (tm, ts) = (_mean_se([p[i] for p in pairs]) for i in (0, 1))
+                    lines.append({"dataset": dataset, "algorithm": row[0], "bits": row[1],
+                                  **dict(zip(split_by, row[2:])),
+                                  "domain": env if env == "Avg" else names[env],
+                                  "val_mean": vm, "val_se": vs, "test_mean": tm, "test_se": ts,
+                                  "n_trials": len(pairs)})
+    return pd.DataFrame(lines), notes
+
+
+def _cell(line: pd.Series, pm: str) -> str:
+    return (f"{line.val_mean:.2f} {pm} {line.val_se:.2f} / "
+            f"{line.test_mean:.2f} {pm} {line.test_se:.2f}")
+
+
+def render(table: pd.DataFrame, split_by: list[str], fmt: str, rule: str) -> str:
+    """The long table as CSV, or as one wide Markdown / LaTeX table per dataset."""
+    if fmt == "csv":
+        return table.to_csv(index=False, float_format="%.4f")
+    pm = r"$\pm$" if fmt == "latex" else "±"
+    out = []
+    for dataset, part in table.groupby("dataset", sort=False):
+        keys = ["algorithm", "bits", *split_by]
+        wide = (part.assign(cell=part.apply(_cell, axis=1, pm=pm))
+                .pivot(index=keys, columns="domain", values="cell"))
+        domains = list(dict.fromkeys(part["domain"]))
+        wide = wide.reindex(index=list(dict.fromkeys(map(tuple, part[keys].values))),
+                            columns=domains).fillna("-")
+        header = ["Algorithm", "W/A", *split_by, *(f"{d} (val/test)" for d in domains)]
+        rows = [[*map(str, index), *values] for index, values in zip(wide.index, wide.values)]
+        title = f"{dataset}, model selection: {RULES[rule]}"
+        if fmt == "markdown":
+            out += [f"### {title}", "", "| " + " | ".join(header) + " |",
+                    "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
+        else:
+            esc = [[c.replace("_", r"\_") for c in r] for r in [header, *rows]]
+            out += [f"% {title}", r"\begin{tabular}{" + "l" * (2 + len(split_by))
+                    + "c" * len(domains) + "}", r"\toprule", " & ".join(esc[0]) + r" \\",
+                    r"\midrule", *(" & ".join(r) + r" \\" for r in esc[1:]), r"\bottomrule",
+                    r"\end{tabular}", ""]
+    return "\n".join(out)
+
+
+def config_entries(names: list[str], output_dir: str, data_dir: str,
+                   notes: list[str]) -> tuple[list[tuple[Run, int]], list[str], list[str]]:
+    """Runs of the configs' planned jobs (with their stage's ``eval_from``), the configs'
+    ``split_by`` and selection rules; jobs that cannot be read yet go to ``notes``."""
+    from domainbed_gaqat.sweep import load_config, plan
+
+    entries, split_by, rules, seen = [], [], [], set()
+    for name in names:
+        config = load_config(name)
+        rules.append(config["selection"])
+        split_by += [k for k in config["table"].get("split_by", []) if k not in split_by]
+        shown = config["table"].get("algorithms")
+        for stage in plan(config, output_dir, data_dir):
+            if stage.blocked:
+                notes.append(f"{config['name']}: {stage.blocked}")
+            jobs = [j for j in stage.jobs if shown is None or j.train_args["algorithm"] in shown]
+            missing = [j for j in jobs if j.state == j.NOT_LAUNCHED]
+            if missing:
+                notes.append(f"{config['name']}: stage {stage.name!r}: {len(missing)} of "
+                             f"{len(jobs)} jobs not launched")
+            for job in jobs:
+                if job.output_dir not in seen and job.state != job.NOT_LAUNCHED:
+                    seen.add(job.output_dir)
+                    entries.append((read_run(job.output_dir), stage.spec["eval_from"]))
+    return entries, split_by, rules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gaqat-tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", help="sweeps/ config names or files")
+    parser.add_argument("--output_dir", help="with configs: the sweep's --output_dir")
+    parser.add_argument("--data_dir", help="with configs: the sweep's --data_dir")
+    parser.add_argument("--input_dir", nargs="+", help="instead of configs: run folders")
+    parser.add_argument("--eval_from", type=int, default=0,
+                        help="with --input_dir: ignore checkpoints before this step")
+    parser.add_argument("--selection", choices=sorted(RULES),
+                        help="default: the configs' rule, else 'test'")
+    parser.add_argument("--split_by", nargs="+", help="hparams that split rows (Tables 5, 6)")
+    parser.add_argument("--format", choices=FORMATS, default="markdown")
+    args = parser.parse_args(argv)
+    if bool(args.configs) == bool(args.input_dir):
+        parser.error("give either configs (with --output_dir and --data_dir) or --input_dir")
+    notes: list[str] = []
+    try:
+        if args.configs:
+            if not (args.output_dir and args.data_dir):
+                parser.error("configs need --output_dir and --data_dir (as given to gaqat-sweep)")
+            entries, split_by, rules = config_entries(args.configs, args.output_dir,
+                                                      args.data_dir, notes)
+        else:
+            entries = [(run, args.eval_from) for run in find_runs(args.input_dir)]
+            split_by, rules = [], ["test"]
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gaqat-tables: error: {err}", file=sys.stderr)
+        return 2
+    rule = args.selection or rules[0]
+    if len(set(rules)) > 1 and not args.selection:
+        parser.error(f"the configs use different selection rules {rules}: pass --selection")
+    split_by = args.split_by or split_by
+    runs = [run for run, _ in entries]
+    notes += [p for run in runs for p in run.problems]
+    notes += [f"incomplete run, not used: {run.status()}" for run in runs if not run.done]
+    table, skipped = summarize(select_cells(entries, rule, split_by), split_by)
+    for note in notes + skipped:
+        print(f"note: {note}", file=sys.stderr)
+    if table.empty:
+        print("gaqat-tables: no finished run to tabulate", file=sys.stderr)
+        return 1
+    print(render(table, split_by, args.format, rule))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
