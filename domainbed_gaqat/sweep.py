@@ -87,6 +87,9 @@ def load_config(name: str) -> dict:
                           f"booleans): {err}") from err
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: SWEEP must be a dict, got {type(config).__name__}")
+    if set(config) - TOP_KEYS:
+        raise ConfigError(f"{path}: unknown keys {sorted(set(config) - TOP_KEYS)}; expected "
+                          f"some of {sorted(TOP_KEYS)}")
     config = {"selection": "test", "holdout_fraction": 0.2, "hparams": {}, "table": {},
               "slurm": {}, **config, "name": path.stem, "path": str(path)}
     validate(config)
@@ -112,9 +115,6 @@ def quantized(algorithm: str, dataset: str) -> bool:
 
 def validate(config: dict) -> None:
     """Raise :class:`ConfigError` naming the first value that is not as expected."""
-    _check(not set(config) - TOP_KEYS - {"name", "path"}, config,
-           f"unknown keys {sorted(set(config) - TOP_KEYS - {'name', 'path'})}; "
-           f"expected some of {sorted(TOP_KEYS)}")
     missing = {"dataset", "test_envs", "trials", "stages"} - set(config)
     _check(not missing, config, f"missing keys {sorted(missing)}")
     dataset = config["dataset"]
@@ -136,6 +136,8 @@ def validate(config: dict) -> None:
     bits = config.get("bits", [4, 4])
     _check(isinstance(bits, list) and len(bits) == 2 and all(_int(b, 2) and b <= 8 for b in bits),
            config, f"bits {bits!r}: expected [W, A], each an int in 2..8")
+    _check(isinstance(config["hparams"], dict), config,
+           f"hparams {config['hparams']!r}: expected a dict")
     _slurm(config, config["slurm"])
     stages = config["stages"]
     _check(isinstance(stages, list) and stages, config, "stages: expected a non-empty list")
@@ -151,9 +153,11 @@ def validate(config: dict) -> None:
         _check(key not in BIT_KEYS and any(key in _known(a, dataset) for a in every), config,
                f"hparams key {key!r}: not a hyperparameter of {every} (bits go in 'bits')")
     table = config["table"]
-    _check(set(table) <= {"algorithms", "split_by"}
+    _check(isinstance(table, dict) and set(table) <= {"algorithms", "split_by"}
+           and isinstance(table.get("split_by", []), list)
            and set(table.get("algorithms", every)) <= set(every), config,
-           f"table {table!r}: expected 'algorithms' (a subset of {every}) and 'split_by'")
+           f"table {table!r}: expected 'algorithms' (a subset of {every}) and 'split_by' "
+           f"(a list of hparams)")
 
 
 def _validate_stage(config: dict, spec: dict, seen: dict[str, list[str]]) -> None:
@@ -181,6 +185,7 @@ def _validate_stage(config: dict, spec: dict, seen: dict[str, list[str]]) -> Non
     grid, fixed = spec.setdefault("grid", {}), spec.setdefault("hparams", {})
     _check(isinstance(grid, dict) and all(isinstance(v, list) and v for v in grid.values()),
            config, f"{where}: grid {grid!r}: expected {{name: [values, ...]}}")
+    _check(isinstance(fixed, dict), config, f"{where}: hparams {fixed!r}: expected a dict")
     inherited = []
     for key in ("init_from", "hparams_from"):
         if key in spec:
@@ -191,8 +196,10 @@ def _validate_stage(config: dict, spec: dict, seen: dict[str, list[str]]) -> Non
                    f"'algorithm': one of its algorithms}}")
     if "hparams_from" in spec:
         inherited = spec["hparams_from"].get("keys")
-        _check(isinstance(inherited, list) and inherited, config,
-               f"{where}: hparams_from needs 'keys', a list of hparams to copy")
+        source = spec["hparams_from"]["algorithm"]
+        _check(isinstance(inherited, list) and inherited
+               and set(inherited) <= _known(source, config["dataset"]), config,
+               f"{where}: hparams_from needs 'keys', a list of hparams of {source} to copy")
     keys = list(grid) + list(fixed) + list(inherited)
     _check(len(keys) == len(set(keys)), config,
            f"{where}: a hyperparameter is set twice among grid, hparams and hparams_from: {keys}")

@@ -5,10 +5,11 @@ import shlex
 import sys
 
 import pytest
+from conftest import PYTHON, run
 from domainbed import command_launchers
 from submitit.core.utils import DelayedSubmission
 
-from domainbed_gaqat import launchers
+from domainbed_gaqat import launchers, sweep
 
 ENV = [variable for variable, _, _ in launchers.SETTINGS.values()]
 
@@ -67,8 +68,9 @@ def test_local_executor_runs_real_commands(tmp_path, monkeypatch, capsys):
     assert f"job {jobs[2].job_id} failed" in out and "2 of 3 jobs succeeded" in out
 
 
-def test_slurm_job_array(tmp_path, monkeypatch):
-    """A Slurm job array as sbatch receives it (sbatch and srun are stand-ins here)."""
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Stand-ins for sbatch (keeps the array script it is given) and srun; Slurm settings."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/array.sh\n'
@@ -80,11 +82,16 @@ def test_slurm_job_array(tmp_path, monkeypatch):
     monkeypatch.setenv("GAQAT_SUBMITIT_CLUSTER", "slurm")
     monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
     monkeypatch.setenv("GAQAT_SUBMITIT_PARTITION", "gpu")
+    return tmp_path / "array.sh"
+
+
+def test_slurm_job_array(tmp_path, fake_slurm):
+    """A Slurm job array as sbatch receives it."""
     jobs = launchers.submitit_launcher(["python -m domainbed.scripts.train --steps 1",
                                         "python3 -m domainbed.scripts.train --steps 2"],
                                        {"time_min": 90, "cpus": 6})
     assert [j.job_id for j in jobs] == ["4242_0", "4242_1"]
-    script = (tmp_path / "array.sh").read_text()
+    script = fake_slurm.read_text()
     for line in ("--array=0-1%2", "--time=90", "--partition=gpu", "--gpus-per-node=1",
                  "--cpus-per-task=6", "--mem=32GB"):
         assert f"#SBATCH {line}\n" in script
@@ -93,3 +100,23 @@ def test_slurm_job_array(tmp_path, monkeypatch):
                 for j in ("4242_0", "4242_1")]
     assert commands == [f"{sys.executable} -m domainbed.scripts.train --steps {n}"
                         for n in (1, 2)]
+
+
+def test_gaqat_sweep_uses_the_stage_time_limit(tmp_path, fake_slurm, monkeypatch):
+    moco = tmp_path / "moco.pth.tar"
+    moco.write_bytes(b"weights")
+    monkeypatch.setenv("DOMAINBED_GAQAT_MOCO", str(moco))
+    assert sweep.main(["launch", "pacs_w4a4", "--output_dir", str(tmp_path / "out"),
+                       "--data_dir", str(tmp_path), "--stage", "fp", "--command_launcher",
+                       "submitit", "--skip_confirmation"]) == 0
+    script = fake_slurm.read_text()  # 36 jobs, pacs_w4a4's fp stage: time_min 180
+    assert "#SBATCH --array=0-35%36\n" in script and "#SBATCH --time=180\n" in script
+
+
+@pytest.mark.slow
+def test_domainbed_sweep_with_submitit(tmp_path, fake_slurm):
+    run([PYTHON, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "RotatedDigits",
+         "--algorithms", "ERM_FP", "--n_hparams", "1", "--n_trials", "1", "--single_test_envs",
+         "--command_launcher", "submitit", "--skip_confirmation", "--output_dir",
+         str(tmp_path / "out"), "--data_dir", str(tmp_path)])
+    assert "#SBATCH --array=0-5%6\n" in fake_slurm.read_text()  # one job per test env

@@ -157,6 +157,7 @@ def test_launch_refuses_until_stage1_is_done(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("change, message", [
     ({"dataset": "PACSS"}, "dataset 'PACSS'"),
+    ({"name": "x"}, "unknown keys ['name']"),
     ({"test_envs": [[0], [6]]}, "test_envs [[0], [6]]"),
     ({"trials": 0}, "trials 0"),
     ({"bits": [4, 1]}, "bits [4, 1]"),
