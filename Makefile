@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DOMAINBED_SRC ?= https://github.com/facebookresearch/DomainBed.git
 
-.PHONY: setup demo test lint bench clean-demo
+.PHONY: setup demo test bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
