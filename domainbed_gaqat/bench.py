@@ -7,12 +7,13 @@ quantizer alone against PyTorch's fused ``_fake_quantize_learnable_per_tensor_af
 Variants are interleaved within every repeat (in an order rotated per repeat), ratios are taken
 per repeat and summarised by median, quartiles and min/max.
 
-Peak memory of a variant is what building it and running its warm-up and one step adds:
-CUDA: ``max_memory_allocated`` (peak reset before the build) minus ``memory_allocated`` before it;
-CPU (Linux): the peak resident set size ``VmHWM`` (reset through ``/proc/self/clear_refs``) minus
-``VmRSS`` before the build, with glibc's ``mmap`` threshold fixed at 64 KiB so freed tensors go
-back to the system at once. Both count the model, gradients, Adam state and the step's working
-set; the CPU figure also counts allocator overhead. No ``tracemalloc``.
+Peak memory of a variant is what building it, loading its calibrated state, and running its
+warm-up and one more call add at the peak. CUDA: ``max_memory_allocated`` (peak reset before the
+build) minus ``memory_allocated`` before it. CPU (Linux, glibc): the peak resident set size
+``VmHWM`` (reset through ``/proc/self/clear_refs``) minus ``VmRSS`` before the build, after
+``malloc_trim`` and with glibc's ``mmap`` threshold fixed at 64 KiB so freed tensors leave the
+resident set at once. Both count the model, gradients, Adam state and the step's working set;
+the CPU figure also counts allocator slack. No ``tracemalloc``.
 """
 
 import argparse
@@ -166,17 +167,17 @@ def quantizer_fns(args: argparse.Namespace, device: torch.device) -> dict[str, C
     zero_point = torch.zeros(1, device=device)
     grad_scale = 1.0 / (v[0].numel() * upper) ** 0.5
 
-    def ours() -> None:
-        lsq_quantize(v, scale, lower, upper, grad_scale).backward(grad_out)
+    def call(quantize: Callable, s: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            v.grad = s.grad = None  # an activation's gradient is not accumulated in training
+            quantize(v, s).backward(grad_out)
+        return run
 
-    def fused() -> None:
-        torch._fake_quantize_learnable_per_tensor_affine(
-            v, scale1, zero_point, lower, upper, grad_scale).backward(grad_out)
-
-    def reference() -> None:
-        lsq_reference(v, scale, lower, upper, grad_scale).backward(grad_out)
-
-    return dict(zip(QUANTIZERS, (ours, fused, reference)))
+    fns = (lambda v, s: lsq_quantize(v, s, lower, upper, grad_scale),
+           lambda v, s: torch._fake_quantize_learnable_per_tensor_affine(
+               v, s, zero_point, lower, upper, grad_scale),
+           lambda v, s: lsq_reference(v, s, lower, upper, grad_scale))
+    return {name: call(fn, s) for name, fn, s in zip(QUANTIZERS, fns, (scale, scale1, scale))}
 
 
 def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int,
@@ -279,11 +280,11 @@ def ratios(times: dict[str, list[float]], memory: dict[str, float]) -> dict[str,
     """Every ratio of :data:`RATIOS`: time per repeat (interleaved runs), memory of the peaks."""
     out = {}
     for name, (num, den, target_time, target_memory, floor) in RATIOS.items():
-        entry = {"time": summary([a / b for a, b in zip(times[num], times[den])]),
-                 "memory": memory[num] / memory[den] if num in memory and den in memory
-                 and memory[den] > 0 else None,
-                 "target_time": target_time, "target_memory": target_memory, "floor": floor}
-        out[name] = entry
+        measured = memory.get(num) is not None and memory.get(den)
+        out[name] = {"time": summary([a / b for a, b in zip(times[num], times[den])]),
+                     "memory": memory[num] / memory[den] if measured else None,
+                     "target_time": target_time, "target_memory": target_memory,
+                     "floor": floor}
     return out
 
 
@@ -316,7 +317,14 @@ def write_json(path: str, data: dict, overwrite: bool = False) -> None:
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # atomic and refuses to replace an existing file
+            try:
+                os.link(tmp, path)  # atomic and refuses to replace an existing file
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links on this file system: check, then rename
+                if os.path.exists(path):
+                    raise FileExistsError(path) from None
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
