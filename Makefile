@@ -21,11 +21,11 @@ $(VENV)/.domainbed: $(VENV)/.installed scripts/get_domainbed.sh
 setup: $(VENV)/.domainbed
 
 demo: setup
-	$(PY) -m domainbed_gaqat.demo
+	$(PY) -m domainbed_gaqat demo
 
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m domainbed_gaqat.bench
+	$(PY) -m domainbed_gaqat bench

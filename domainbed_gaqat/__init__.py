@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Add the plugin to DomainBed's modules now (idempotent)."""
-    from domainbed_gaqat.registry import register_all
+    from domainbed_gaqat.plugin.register import register_all
 
     register_all()

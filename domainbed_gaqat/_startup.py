@@ -1,11 +1,12 @@
-"""Interpreter start-up hook, run by ``domainbed_gaqat.pth`` (SPEC section 6).
+"""Interpreter start-up hook, run by ``domainbed_gaqat.pth``.
 
 It imports nothing heavy (not even ``importlib.abc``, which pulls in ``typing``, ``tempfile``
 and ``importlib.resources``; the finder and loader protocols are duck-typed): it only puts a
 finder on ``sys.meta_path`` that, once one of DomainBed's registries (``domainbed.algorithms``,
-``hparams_registry``, ``datasets``, ``command_launchers``) has executed, adds the plugin's
-entries to it. Set ``DOMAINBED_GAQAT_DISABLE=1`` to opt out. A failure while patching is
-reported as a warning and never stops the interpreter or DomainBed.
+``hparams_registry``, ``datasets``, ``command_launchers``, ``lib.reporting``,
+``model_selection``) has executed, adds the plugin's entries to it. Set
+``DOMAINBED_GAQAT_DISABLE=1`` to opt out. A failure while patching is reported as a warning and
+never stops the interpreter or DomainBed.
 """
 
 import os
@@ -17,13 +18,15 @@ TARGETS = (
     "domainbed.hparams_registry",
     "domainbed.datasets",
     "domainbed.command_launchers",
+    "domainbed.lib.reporting",
+    "domainbed.model_selection",
 )
 # Plugin modules that import a DomainBed registry. Imported first (``from
 # domainbed_gaqat.algorithms import LSQ`` before any ``import domainbed``), they are still
 # executing when that registry finishes, so it is patched when they finish instead.
 PLUGIN_MODULES = {
-    "domainbed_gaqat.algorithms": "domainbed.algorithms",
-    "domainbed_gaqat.datasets": "domainbed.datasets",
+    "domainbed_gaqat.plugin.algorithms": "domainbed.algorithms",
+    "domainbed_gaqat.plugin.datasets": "domainbed.datasets",
 }
 _executing: set = set()
 
@@ -54,7 +57,7 @@ class _PatchingLoader:
         elif any(p in _executing for p, t in PLUGIN_MODULES.items() if t == name):
             return  # the plugin module importing this registry patches it when it finishes
         try:
-            from domainbed_gaqat.registry import patch
+            from domainbed_gaqat.plugin.register import patch
 
             patch(sys.modules[name])
         except Exception as err:  # never break DomainBed because of the plugin

@@ -1,9 +1,10 @@
-"""Benchmark of the training step (issue 6): ``python -m domainbed_gaqat.bench`` / ``make bench``.
+"""Benchmark of the training step: ``gaqat bench`` / ``make bench``.
 
-Measures side by side, in one process, on one device, batch and resolution: the step of
-``ERM_FP``, ``LSQ``, ``SAGM_LSQ`` and ``GAQAT`` (``update()``, as DomainBed's train script calls
-it), evaluation (``predict`` of the full-precision and the quantized featurizer) and the LSQ
-quantizer alone against PyTorch's fused ``_fake_quantize_learnable_per_tensor_affine``.
+Measures side by side, in one process, on one device, batch and resolution: the step of every
+algorithm the registry marks for the benchmark (``update()``, as DomainBed's train script calls
+it; each also as a ratio to its baseline), evaluation (``predict`` of the full-precision and
+the quantized featurizer) and the LSQ quantizer alone against PyTorch's fused
+``_fake_quantize_learnable_per_tensor_affine``.
 Variants are interleaved within every repeat (in an order rotated per repeat), ratios are taken
 per repeat and summarised by median, quartiles and min/max.
 
@@ -23,25 +24,29 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 
-from domainbed_gaqat import algorithms
-from domainbed_gaqat.hparams import plugin_hparams
-from domainbed_gaqat.quantizer import compile_kernels, grid, lsq_quantize, lsq_reference
+from domainbed_gaqat import options
+from domainbed_gaqat.experiments import outputs
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
+from domainbed_gaqat.plugin.hparams import params
+from domainbed_gaqat.quant.config import integer_range
+from domainbed_gaqat.quant.lsq import compile_kernels, lsq_quantize, lsq_reference
 
-STEPS = ("ERM_FP", "LSQ", "SAGM_LSQ", "GAQAT")
+STEPS = tuple(name for name, s in ALGORITHMS.items() if s.benchmark)
 PREDICTS = {"predict_FP": "ERM_FP", "predict_LSQ": "LSQ"}
 QUANTIZERS = ("quantizer", "quantizer_fused", "quantizer_reference")
+SHORT = {"ERM_FP": "FP"}
+# algorithm: (target time ratio to its baseline, target memory ratio, floor of the time ratio)
+TARGETS = {"LSQ": (1.3, 1.5, None), "SAGM_LSQ": (2.05, None, 2.0), "GAQAT": (1.03, None, 1.0)}
 # name: (numerator, denominator, target time ratio, target memory ratio, floor)
 RATIOS = {
-    "LSQ/FP": ("LSQ", "ERM_FP", 1.3, 1.5, None),
-    "SAGM_LSQ/LSQ": ("SAGM_LSQ", "LSQ", 2.05, None, 2.0),
-    "GAQAT/SAGM_LSQ": ("GAQAT", "SAGM_LSQ", 1.03, None, 1.0),
+    **{f"{n}/{SHORT.get(s.baseline, s.baseline)}": (n, s.baseline, *TARGETS.get(n, (None,) * 3))
+       for n, s in ALGORITHMS.items() if s.benchmark and s.baseline in STEPS},
     "predict_LSQ/predict_FP": ("predict_LSQ", "predict_FP", None, None, None),
     "quantizer/fused": ("quantizer", "quantizer_fused", None, None, None),
     "quantizer/reference": ("quantizer", "quantizer_reference", None, None, None),
@@ -49,32 +54,39 @@ RATIOS = {
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options; shapes default to the paper's on CUDA and to a CPU-sized model."""
-    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--arch", choices=("resnet18", "resnet50"),
-                   help="default: resnet50 on CUDA, resnet18 on CPU")
-    p.add_argument("--resolution", type=int, help="default: 224 on CUDA, 96 on CPU")
-    p.add_argument("--batch", type=int, help="per domain; default: 32 on CUDA, 16 on CPU")
-    p.add_argument("--domains", type=int, default=3, help="training domains (PACS: 3)")
-    p.add_argument("--bits", type=int, default=4, help="W/A bits of the quantized variants")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    p.add_argument("--channels-last", action="store_true", help="models and inputs NHWC")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (meant for CUDA)")
-    p.add_argument("--compile", action="store_true",
-                   help="compiled quantizer kernels (quantizer.compile_kernels)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--sync-check", action="store_true",
-                   help="CUDA: fail if a GAQAT step synchronises with the host")
-    p.add_argument("--out", help="JSON path (default: out/bench/<device>-<arch>-<time>.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny shapes, one repeat (for the test suite)")
-    args = p.parse_args(argv)
+def add_arguments(parser) -> None:
+    """Shapes default to the paper's on CUDA and to a CPU-sized model."""
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--arch", choices=("resnet18", "resnet50"),
+                        help="default: resnet50 on CUDA, resnet18 on CPU")
+    parser.add_argument("--resolution", type=options.positive_int,
+                        help="default: 224 on CUDA, 96 on CPU")
+    parser.add_argument("--batch", type=options.positive_int,
+                        help="per domain; default: 32 on CUDA, 16 on CPU")
+    parser.add_argument("--domains", type=options.positive_int, default=3,
+                        help="training domains (PACS: 3)")
+    parser.add_argument("--bits", type=int, default=4, help="W/A bits of the quantized variants")
+    parser.add_argument("--repeats", type=options.positive_int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--threads", type=options.positive_int,
+                        help="torch.set_num_threads (CPU)")
+    parser.add_argument("--channels-last", action="store_true", help="models and inputs NHWC")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (meant for CUDA)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled quantizer kernels (quant.lsq.compile_kernels)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--sync-check", action="store_true",
+                        help="CUDA: fail if a GAQAT step synchronises with the host")
+    parser.add_argument("--out", help="JSON path (default: out/bench/<device>-<arch>-<time>.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny shapes, one repeat (for the test suite)")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the device-dependent defaults (and ``--quick``'s shapes)."""
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    integer_range(args.bits, signed=False)
     cuda = args.device.startswith("cuda")
     if args.quick:
         args.arch, args.resolution, args.batch, args.domains = "resnet18", 32, 2, 2
@@ -94,7 +106,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _hparams(algorithm: str, args: argparse.Namespace) -> dict:
-    hparams = {name: entry[0] for name, entry in plugin_hparams(algorithm, "PACS").items()}
+    families = ALGORITHMS[algorithm].families
+    hparams = {name: p.default for name, p in params(families, "PACS").items()}
     hparams.update(resnet18=args.arch == "resnet18", init="none")
     if "w_bits" in hparams:
         hparams.update(w_bits=args.bits, a_bits=args.bits)
@@ -115,7 +128,7 @@ def build(algorithm: str, args: argparse.Namespace, device: torch.device):
     """A plugin algorithm on ``device`` (random init, PACS defaults, ``args.bits``)."""
     torch.manual_seed(0)
     hparams = _hparams(algorithm, args)
-    alg = getattr(algorithms, algorithm)((3, args.resolution, args.resolution), 7,
+    alg = ALGORITHMS[algorithm].cls((3, args.resolution, args.resolution), 7,
                                          args.domains, hparams)
     alg.to(device)
     if args.channels_last:
@@ -156,7 +169,7 @@ def quantizer_fns(args: argparse.Namespace, device: torch.device) -> dict[str, C
     """Forward+backward of one activation quantizer on a ResNet ``layer1`` input
     (``[N, 64, H/4, W/4]``): the plugin's :func:`lsq_quantize`, PyTorch's fused learnable
     fake-quant op, and the plain autograd reference (STE through ``detach``)."""
-    lower, upper = grid(args.bits, signed=False)
+    lower, upper = integer_range(args.bits, signed=False)
     side = max(args.resolution // 4, 1)
     g = torch.Generator().manual_seed(0)
     shape = (args.batch * args.domains, 64, side, side)
@@ -304,32 +317,6 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def write_json(path: str, data: dict, overwrite: bool = False) -> None:
-    """Write ``data`` atomically; an existing ``path`` is kept unless ``overwrite``."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and refuses to replace an existing file
-            except FileExistsError:
-                raise
-            except OSError:  # no hard links on this file system: check, then rename
-                if os.path.exists(path):
-                    raise FileExistsError(path) from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _fmt(s: dict[str, float], scale: float = 1.0) -> str:
     return (f"{s['median'] * scale:9.3f}  [{s['q1'] * scale:.3f}, {s['q3'] * scale:.3f}]"
             f"  ({s['min'] * scale:.3f}..{s['max'] * scale:.3f})")
@@ -360,7 +347,7 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict:
+def measure(args: argparse.Namespace) -> dict:
     """Run the benchmark described by ``args``; returns the JSON-ready result."""
     device = torch.device(args.device)
     if args.threads:
@@ -401,15 +388,18 @@ def run(args: argparse.Namespace) -> dict:
             "raw_times_s": times}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    args = resolve(args)
     if os.path.exists(args.out) and not args.overwrite:
-        raise SystemExit(f"{args.out} exists: pass --overwrite or another --out")
-    result = run(args)
+        raise FileExistsError(f"{args.out} exists: pass --overwrite or another --out")
+    result = measure(args)
     print(report(result))
-    write_json(args.out, result, overwrite=args.overwrite)
+    outputs.write_text(args.out, json.dumps(result, indent=2), args.overwrite)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from domainbed_gaqat.cli import run_as_module
+
+    run_as_module("bench")

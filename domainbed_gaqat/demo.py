@@ -1,4 +1,5 @@
-"""``make demo``: the ``sweeps/demo.py`` sweep end to end on the offline dataset, on CPU.
+"""``gaqat demo`` / ``make demo``: the ``sweeps/demo.py`` sweep end to end on the offline dataset,
+on CPU.
 
 Stage after stage (full-precision ERM, then LSQ and SAGM+LSQ, then GAQAT), DomainBed's ``Job``
 machinery runs ``domainbed.scripts.train`` with the ``local`` launcher; then the plugin's table
@@ -6,7 +7,6 @@ and DomainBed's own ``collect_results`` are printed. Runs already done in ``--ou
 kept and reused (DomainBed skips them), leftovers of an interrupted demo are deleted first.
 """
 
-import argparse
 import os
 import subprocess
 import sys
@@ -14,30 +14,31 @@ import time
 
 from domainbed.scripts.sweep import Job
 
-from domainbed_gaqat import sweep, tables
+from domainbed_gaqat.experiments import sweep, tables
+from domainbed_gaqat.experiments.configs import load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m domainbed_gaqat.demo",
-                                     description=__doc__.split("\n\n")[0])
+def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--data_dir", default="data", help="unused by RotatedDigits")
     parser.add_argument("--config", default="demo", help="a sweeps/ config (default: demo)")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     start = time.time()
-    config = sweep.load_config(args.config)
+    config = load_config(args.config)
     out, data = os.path.abspath(args.output_dir), os.path.abspath(args.data_dir)
     leftovers = [j for s in sweep.plan(config, out, data) for j in s.jobs
                  if j.state == Job.INCOMPLETE]
     if leftovers:
         print(f"Deleting {len(leftovers)} unfinished runs of an interrupted demo.")
         Job.delete(leftovers)
-    status = sweep.run("launch", config, out, data, launcher="local", confirm=False)
+    status = sweep.run_config("launch", config, out, data, launcher="local", confirm=False)
     if status:
         return status
-    print(f"\n=== the plugin's table (gaqat-tables {args.config} --output_dir {out} "
+    print(f"\n=== the plugin's table (gaqat tables {args.config} --output_dir {out} "
           f"--data_dir {data})\n", flush=True)
-    status = tables.main([args.config, "--output_dir", out, "--data_dir", data])
+    status = tables.print_tables([args.config], output_dir=out, data_dir=data)
     folders = sorted({s.folder for s in sweep.plan(config, out, data)})
     for folder in folders:
         print(f"\n=== DomainBed's collect_results --input_dir {folder}\n", flush=True)
@@ -50,4 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from domainbed_gaqat.cli import run_as_module
+
+    run_as_module("demo")

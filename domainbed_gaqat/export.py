@@ -9,7 +9,7 @@ quantized PyTorch model computes in eval mode:
 - conv inputs pass ``QuantizeLinear`` / ``DequantizeLinear`` with the learned activation scale:
   UINT4 (UINT8 above 4 bits) after a ReLU, INT4 (INT8) for the stem's signed image input.
   QuantizeLinear saturates to the container, so below 4 (8) bits an explicit clip to the
-  grid ``[l * s, u * s]`` comes first (onnxruntime runs int4 QDQ in float, SPEC section 7), so
+  grid ``[l * s, u * s]`` comes first (onnxruntime runs int4 QDQ in float), so
   the integer tensor holds the 3-bit codes (``[0, 7]``, ``[-4, 3]`` for the stem). The clip is
   written ``Min(Max(x, l * s), u * s)``: onnxruntime 1.32's ``ClipQuantFusion`` (a default
   CPU graph optimization) fails the session on a ``Clip`` feeding a 4-bit QuantizeLinear
@@ -24,14 +24,11 @@ rounding, as LSQ's ``clamp(round(v / s), l, u)``. A float export of the same lat
 (no quantization) is written alongside for the size comparison, and both are checked with
 onnxruntime on CPU against PyTorch (argmax agreement, max abs logit error) on random inputs.
 
-    python -m domainbed_gaqat.export runs/gaqat_w4/model.pkl --output_dir export/gaqat_w4
+    gaqat export runs/gaqat_w4/model.pkl --output_dir export/gaqat_w4
 """
 
-import argparse
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import ml_dtypes
 import numpy as np
@@ -41,9 +38,20 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from domainbed_gaqat import runtools
-from domainbed_gaqat.networks import QuantConv2d, quantizers
-from domainbed_gaqat.quantizer import LSQQuantizer
+from domainbed_gaqat import options
+from domainbed_gaqat.experiments import outputs
+from domainbed_gaqat.plugin.checkpoints import (
+    load_algorithm,
+    quantized_algorithms,
+    require_quantized,
+)
+from domainbed_gaqat.plugin.data import Data, load_batches
+from domainbed_gaqat.quant.modules import (
+    LSQQuantizer,
+    QuantConv2d,
+    quantization_disabled,
+    quantizers,
+)
 
 OPSET = 21
 INT_DTYPES = {  # (signed, container bits) -> numpy dtype
@@ -168,7 +176,7 @@ def build_model(algorithm: nn.Module, quantize: bool = True) -> onnx.ModelProto:
     net = algorithm.featurizer.network
     if quantize and not any(True for _ in quantizers(net)):
         raise ValueError(f"{type(algorithm).__name__} has no quantizers: expected a quantized "
-                         f"model ({', '.join(runtools.QUANTIZED_ALGORITHMS)})")
+                         f"model ({', '.join(quantized_algorithms())})")
     g = GraphBuilder()
     x = g.name("input")
     out = conv(g, x, net.conv1, "conv1", quantize)
@@ -227,19 +235,6 @@ def expected_sizes(algorithm: nn.Module) -> dict[str, int]:
             "expected_ratio": float_bytes / int_bytes}
 
 
-@contextmanager
-def quantizers_off(module: nn.Module) -> Iterator[None]:
-    """Make every quantizer the identity (the float model of the same latent weights)."""
-    qs = [q for _, q in quantizers(module)]
-    for q in qs:
-        q.forward = lambda v: v
-    try:
-        yield
-    finally:
-        for q in qs:
-            del q.forward
-
-
 def compare(path: str, algorithm: nn.Module, x: torch.Tensor,
             quantized: bool = True) -> dict[str, float]:
     """onnxruntime (CPU) vs PyTorch eval-mode logits on ``x``: max abs error, the largest
@@ -253,7 +248,7 @@ def compare(path: str, algorithm: nn.Module, x: torch.Tensor,
         if quantized:
             want = algorithm.predict(x).numpy()
         else:
-            with quantizers_off(algorithm):
+            with quantization_disabled(algorithm):
                 want = algorithm.predict(x).numpy()
     return {"max_abs_logit_error": float(np.abs(got - want).max()),
             "max_abs_logit": float(np.abs(want).max()),
@@ -271,53 +266,50 @@ def bit_widths(algorithm: nn.Module) -> tuple[int, int]:
 # --- command line --------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.export",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a DomainBed model.pkl of LSQ / SAGM_LSQ / GAQAT")
-    p.add_argument("--n_random", type=runtools.positive_int, default=64,
-                   help="random inputs for the onnxruntime check")
-    p.add_argument("--n_data", type=int, default=0,
-                   help="also check on this many test-env examples (needs the dataset)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="a DomainBed model.pkl of a quantized algorithm")
+    parser.add_argument("--n_random", type=options.positive_int, default=64,
+                        help="random inputs for the onnxruntime check")
+    parser.add_argument("--n_data", type=int, default=0,
+                        help="also check on this many test-env examples (needs the dataset)")
+    parser.add_argument("--seed", type=int, default=0)
+    options.output(parser)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def run(args) -> int:
     names = ("model_int.onnx", "model_float.onnx", "export.json")
-    outputs = [os.path.join(args.output_dir, n) for n in names]
-    runtools.check_new(outputs, args.overwrite)
-    algorithm, ckpt = runtools.load_algorithm(args.model, "cpu")
-    runtools.require_quantized(ckpt, args.model)
+    paths = [os.path.join(args.output_dir, n) for n in names]
+    outputs.check_new(paths, args.overwrite)
+    algorithm, ckpt = load_algorithm(args.model, "cpu")
+    require_quantized(ckpt, args.model)
     w_bits, a_bits = bit_widths(algorithm)
     report = {"model": os.path.abspath(args.model), "algorithm": ckpt["args"]["algorithm"],
               "w_bits": w_bits, "a_bits": a_bits, "opset": OPSET}
-    for path, quantize in ((outputs[0], True), (outputs[1], False)):
+    for path, quantize in ((paths[0], True), (paths[1], False)):
         model = build_model(algorithm, quantize)
-        runtools.atomic_write(path, lambda p, m=model: onnx.save(m, p), args.overwrite)
+        outputs.atomic_write(path, lambda p, m=model: onnx.save(m, p), args.overwrite)
         print(f"{'quantized' if quantize else 'float'} model: {os.path.getsize(path)} bytes")
     report.update(expected_sizes(algorithm))
-    report["int_bytes"] = os.path.getsize(outputs[0])
-    report["float_bytes"] = os.path.getsize(outputs[1])
+    report["int_bytes"] = os.path.getsize(paths[0])
+    report["float_bytes"] = os.path.getsize(paths[1])
     report["ratio"] = report["float_bytes"] / report["int_bytes"]
 
     shape = tuple(ckpt["model_input_shape"])
     x = torch.randn((args.n_random, *shape), generator=torch.Generator().manual_seed(args.seed))
-    report["random_check"] = compare(outputs[0], algorithm, x)
-    report["float_random_check"] = compare(outputs[1], algorithm, x, quantized=False)
+    report["random_check"] = compare(paths[0], algorithm, x)
+    report["float_random_check"] = compare(paths[1], algorithm, x, quantized=False)
     if args.n_data > 0:
-        data = runtools.Data.from_checkpoint(ckpt)
-        batches = runtools.load_batches(data.split(data.test_envs[0], "in"), args.n_data, "cpu")
-        report["data_check"] = compare(outputs[0], algorithm, torch.cat([b for b, _ in batches]))
+        data = Data.from_checkpoint(ckpt)
+        batches = load_batches(data.split(data.test_envs[0], "in"), args.n_data, "cpu")
+        report["data_check"] = compare(paths[0], algorithm, torch.cat([b for b, _ in batches]))
     text = json.dumps(report, indent=1)
     print(text)
-    runtools.write_text(outputs[2], text, args.overwrite)
-    runtools.finish(outputs)
-    return report
+    outputs.write_text(paths[2], text, args.overwrite)
+    outputs.finish(paths)
+    return 0
 
 
 if __name__ == "__main__":
-    runtools.run_cli(main)
+    from domainbed_gaqat.cli import run_as_module
+
+    run_as_module("export")

@@ -7,11 +7,10 @@ envs' ``env{t}_in`` splits, DomainBed's test accuracy), on the splits train.py m
 scale is perturbed on its own (one table row per scale, as Table 1) unless ``--joint``; the
 scales are restored exactly after each setting.
 
-    python -m domainbed_gaqat.probe runs/gaqat/model.pkl --data_dir data \\
+    gaqat probe runs/gaqat/model.pkl --data_dir data \\
         --layers layer3.0.conv1 layer1.0.conv1 --kind both --output_dir probe/gaqat
 """
 
-import argparse
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -22,9 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from domainbed_gaqat import runtools
-from domainbed_gaqat.networks import quantizers, scale_label
-from domainbed_gaqat.quantizer import LSQQuantizer
+from domainbed_gaqat import options
+from domainbed_gaqat.experiments import outputs
+from domainbed_gaqat.plugin.checkpoints import load_algorithm, require_quantized
+from domainbed_gaqat.plugin.data import Data, default_device
+from domainbed_gaqat.plugin.featurizer import scale_label
+from domainbed_gaqat.quant.modules import LSQQuantizer, quantizers
 
 DEFAULT_FACTORS = (0.8, 0.9, 1.1, 1.2)
 DEFAULT_LAYERS = ("layer3.0.conv1", "layer1.0.conv1")  # the rows of Table 1
@@ -66,7 +68,7 @@ def perturbed(quantizer_list: Sequence[LSQQuantizer], factor: float) -> Iterator
                 q.scale.copy_(s)
 
 
-def probe(algorithm: nn.Module, data: runtools.Data, selected: Sequence[tuple[str, LSQQuantizer]],
+def probe(algorithm: nn.Module, data: Data, selected: Sequence[tuple[str, LSQQuantizer]],
           factors: Sequence[float], device: str, joint: bool = False,
           progress: bool = True) -> pd.DataFrame:
     """One row per setting: ``origin`` (unperturbed), then each scale (or all jointly) times
@@ -105,48 +107,42 @@ def markdown_table(df: pd.DataFrame) -> str:
                                "out-of-domain (test env) accuracy, %.\n"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.probe",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a DomainBed model.pkl of LSQ / SAGM_LSQ / GAQAT")
-    p.add_argument("--dataset", default=None, help="default: the checkpoint's")
-    p.add_argument("--data_dir", default=None, help="default: the checkpoint's")
-    p.add_argument("--test_envs", type=int, nargs="+", default=None,
-                   help="default: the checkpoint's")
-    p.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS),
-                   help="regexes fully matching layer names, e.g. 'layer3.0.conv1' 'layer4.*'")
-    p.add_argument("--kind", choices=list(KINDS), default="both")
-    p.add_argument("--factors", type=float, nargs="+", default=list(DEFAULT_FACTORS))
-    p.add_argument("--joint", action="store_true", help="perturb all chosen scales together")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="a DomainBed model.pkl of a quantized algorithm")
+    options.checkpoint_data(parser)
+    parser.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS),
+                        help="regexes fully matching layer names, e.g. 'layer3.0.conv1' "
+                        "'layer4.*'")
+    parser.add_argument("--kind", choices=list(KINDS), default="both")
+    parser.add_argument("--factors", type=float, nargs="+", default=list(DEFAULT_FACTORS))
+    parser.add_argument("--joint", action="store_true", help="perturb all chosen scales together")
+    options.device(parser)
+    options.output(parser)
+    options.quiet(parser)
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    args = parse_args(argv)
+def run(args) -> int:
     bad = [f for f in args.factors if not f > 0]
     if bad:
         raise ValueError(f"--factors {bad}: expected positive numbers")
-    outputs = [os.path.join(args.output_dir, f) for f in
-               ("probe.md", "probe.csv", "probe.parquet")]
-    runtools.check_new(outputs, args.overwrite)
-    device = args.device or runtools.default_device()
-    algorithm, ckpt = runtools.load_algorithm(args.model, device)
-    runtools.require_quantized(ckpt, args.model)
+    paths = [os.path.join(args.output_dir, f) for f in ("probe.md", "probe.csv", "probe.parquet")]
+    outputs.check_new(paths, args.overwrite)
+    device = args.device or default_device()
+    algorithm, ckpt = load_algorithm(args.model, device)
+    require_quantized(ckpt, args.model)
     selected = select_quantizers(algorithm, args.layers, args.kind)
-    data = runtools.Data.from_checkpoint(ckpt, args.dataset, args.data_dir, args.test_envs)
+    data = Data.from_checkpoint(ckpt, args.dataset, args.data_dir, args.test_envs)
     df = probe(algorithm, data, selected, args.factors, device, args.joint,
                progress=not args.quiet)
     table = markdown_table(df)
     print(table)
-    paths = [runtools.write_text(outputs[0], table, args.overwrite)]
-    paths += runtools.write_table(df, os.path.join(args.output_dir, "probe"), args.overwrite)
-    runtools.finish(paths)
-    return paths
+    written = [outputs.write_text(paths[0], table, args.overwrite)]
+    written += outputs.write_table(df, os.path.join(args.output_dir, "probe"), args.overwrite)
+    outputs.finish(written)
+    return 0
 
 
 if __name__ == "__main__":
-    runtools.run_cli(main)
+    from domainbed_gaqat.cli import run_as_module
+
+    run_as_module("probe")

@@ -12,11 +12,10 @@ Li et al.'s ``ignore='biasbn'`` option (default, ``--bn_bias zero``), or with
 ``--bn_bias weight`` the parameter itself (their code's default). The same random draw (seed)
 is normalised to each checkpoint's own weights.
 
-    python -m domainbed_gaqat.surface runs/sagm_lsq/model.pkl runs/gaqat/model.pkl \\
+    gaqat surface runs/sagm_lsq/model.pkl runs/gaqat/model.pkl \\
         --labels SAGM+LSQ GAQAT --data_dir data --output_dir surface/art
 """
 
-import argparse
 import os
 from collections.abc import Sequence
 
@@ -28,8 +27,11 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from domainbed_gaqat import runtools
-from domainbed_gaqat.networks import quantizers
+from domainbed_gaqat import options
+from domainbed_gaqat.experiments import outputs
+from domainbed_gaqat.plugin.checkpoints import load_algorithm
+from domainbed_gaqat.plugin.data import Data, default_device, load_batches
+from domainbed_gaqat.quant.modules import quantizers
 
 BN_BIAS = ("zero", "weight")
 
@@ -71,10 +73,10 @@ def loss_and_accuracy(algorithm: nn.Module, batches) -> tuple[float, float]:
     return total / n, correct / n
 
 
-def grid(extent: float, points: int) -> np.ndarray:
+def coordinates(extent: float, points: int) -> np.ndarray:
     """``points`` coordinates from ``-extent`` to ``extent``; odd ``points`` include 0 exactly."""
     if points < 2 or extent <= 0:
-        raise ValueError(f"grid of {points} points over +-{extent}: expected points >= 2 and "
+        raise ValueError(f"{points} coordinates over +-{extent}: expected points >= 2 and "
                          "extent > 0")
     half = (points - 1) / 2
     return extent * (np.arange(points) - half) / half
@@ -153,35 +155,30 @@ def figure_2d(alphas: np.ndarray, betas: np.ndarray, losses: dict[str, np.ndarra
 # --- command line --------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.surface",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="+", help="one or two DomainBed model.pkl")
-    p.add_argument("--labels", nargs="+", default=None, help="default: each run's algorithm")
-    p.add_argument("--dataset", default=None, help="default: the first checkpoint's")
-    p.add_argument("--data_dir", default=None, help="default: the first checkpoint's")
-    p.add_argument("--test_envs", type=int, nargs="+", default=None,
-                   help="default: the first checkpoint's")
-    p.add_argument("--env", type=int, default=None,
-                   help="env to evaluate (default: the first test env)")
-    p.add_argument("--split", choices=("in", "out", "full"), default="in",
-                   help="split of that env: 'in' is DomainBed's test split")
-    p.add_argument("--max_samples", type=runtools.positive_int, default=None)
-    p.add_argument("--dims", choices=("1", "2", "both"), default="both")
-    p.add_argument("--extent", type=float, default=1.0, help="coordinates from -extent to extent")
-    p.add_argument("--points", type=int, default=21, help="1-D grid points (odd includes 0)")
-    p.add_argument("--points_2d", type=int, default=11, help="2-D grid points per axis")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
-    p.add_argument("--bn_bias", choices=BN_BIAS, default="zero")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("models", nargs="+", help="one or two DomainBed model.pkl")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="default: each run's algorithm")
+    options.checkpoint_data(parser)
+    parser.add_argument("--env", type=int, default=None,
+                        help="env to evaluate (default: the first test env)")
+    parser.add_argument("--split", choices=("in", "out", "full"), default="in",
+                        help="split of that env: 'in' is DomainBed's test split")
+    parser.add_argument("--max_samples", type=options.positive_int, default=None)
+    parser.add_argument("--dims", choices=("1", "2", "both"), default="both")
+    parser.add_argument("--extent", type=float, default=1.0,
+                        help="coordinates from -extent to extent")
+    parser.add_argument("--points", type=int, default=21,
+                        help="1-D coordinates (odd includes 0)")
+    parser.add_argument("--points_2d", type=int, default=11, help="2-D coordinates per axis")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    parser.add_argument("--bn_bias", choices=BN_BIAS, default="zero")
+    options.device(parser)
+    options.output(parser)
+    options.quiet(parser)
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    args = parse_args(argv)
+def run(args) -> int:
     if len(args.models) > 2:
         raise ValueError(f"{len(args.models)} models given: expected one or two model.pkl")
     labels = args.labels
@@ -191,25 +188,25 @@ def main(argv: list[str] | None = None) -> list[str]:
         raise ValueError(f"--labels {labels}: expected distinct labels")
     dims = ["1", "2"] if args.dims == "both" else [args.dims]
     names = [f"surface_{d}d" for d in dims]
-    outputs = [os.path.join(args.output_dir, f"{n}.{ext}") for n in names
+    targets = [os.path.join(args.output_dir, f"{n}.{ext}") for n in names
                for ext in ("csv", "parquet", "png")] + [os.path.join(args.output_dir,
                                                                       "surface.npz")]
-    runtools.check_new(outputs, args.overwrite)
-    alphas = grid(args.extent, args.points)
-    alphas_2d = grid(args.extent, args.points_2d)
-    device = args.device or runtools.default_device()
+    outputs.check_new(targets, args.overwrite)
+    alphas = coordinates(args.extent, args.points)
+    alphas_2d = coordinates(args.extent, args.points_2d)
+    device = args.device or default_device()
 
     results = {"alphas_1d": alphas, "alphas_2d": alphas_2d, "betas_2d": alphas_2d}
     rows_1d, rows_2d, loss_1d, loss_2d = [], [], {}, {}
     data, title = None, ""
     for m, path in enumerate(args.models):
-        algorithm, ckpt = runtools.load_algorithm(path, device)
+        algorithm, ckpt = load_algorithm(path, device)
         label = labels[m] if labels else f"{ckpt['args']['algorithm']} ({m})"
         if data is None:
-            data = runtools.Data.from_checkpoint(ckpt, args.dataset, args.data_dir,
+            data = Data.from_checkpoint(ckpt, args.dataset, args.data_dir,
                                                  args.test_envs)
             env = args.env if args.env is not None else data.test_envs[0]
-            batches = runtools.load_batches(data.split(env, args.split), args.max_samples, device)
+            batches = load_batches(data.split(env, args.split), args.max_samples, device)
             title = f"{ckpt['args'].get('dataset', args.dataset)} env {env} ({args.split})"
         if "1" in dims:
             loss, acc = surface(algorithm, batches, alphas, None, args.seed, args.bn_bias,
@@ -231,22 +228,24 @@ def main(argv: list[str] | None = None) -> list[str]:
     paths = []
     for d, rows in (("1", rows_1d), ("2", rows_2d)):
         if d in dims:
-            paths += runtools.write_table(pd.DataFrame(rows),
+            paths += outputs.write_table(pd.DataFrame(rows),
                                           os.path.join(args.output_dir, f"surface_{d}d"),
                                           args.overwrite)
     if "1" in dims:
-        paths.append(runtools.save_figure(figure_1d(alphas, loss_1d, title),
+        paths.append(outputs.save_figure(figure_1d(alphas, loss_1d, title),
                                           os.path.join(args.output_dir, "surface_1d.png"),
                                           args.overwrite))
     if "2" in dims:
-        paths.append(runtools.save_figure(figure_2d(alphas_2d, alphas_2d, loss_2d, title),
+        paths.append(outputs.save_figure(figure_2d(alphas_2d, alphas_2d, loss_2d, title),
                                           os.path.join(args.output_dir, "surface_2d.png"),
                                           args.overwrite))
-    paths.append(runtools.atomic_write(os.path.join(args.output_dir, "surface.npz"),
+    paths.append(outputs.atomic_write(os.path.join(args.output_dir, "surface.npz"),
                                        lambda p: np.savez(p, **results), args.overwrite))
-    runtools.finish(paths)
-    return paths
+    outputs.finish(paths)
+    return 0
 
 
 if __name__ == "__main__":
-    runtools.run_cli(main)
+    from domainbed_gaqat.cli import run_as_module
+
+    run_as_module("surface")

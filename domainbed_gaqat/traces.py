@@ -4,15 +4,14 @@ Trains an algorithm on a DomainBed dataset exactly as ``train.py`` does and reco
 quantizer scale, the gradients summed over blocks of ``M`` steps: ``g_task`` (clean pass),
 ``g_smooth`` (perturbed pass; SAGM_LSQ / GAQAT only) and the gradient the optimizer applied;
 the task and smooth gradient disorder (Definition 3.1) over windows of ``K`` steps, one
-:class:`~domainbed_gaqat.freezing.DisorderTracker` per stream; and, for GAQAT, how many steps
-of each block the scale was frozen. Nothing in the algorithm changes: ``scale_grads`` is
-wrapped on the instance and the applied gradient is read in an optimizer step pre-hook.
+:class:`~domainbed_gaqat.optim.freezing.DisorderTracker` per stream; and, for GAQAT, how many steps
+of each block the scale was frozen. Nothing in the algorithm changes: the gradients come from
+its scale-gradient hook.
 
-    python -m domainbed_gaqat.traces --algorithm GAQAT --dataset PACS --data_dir data \\
+    gaqat traces --algorithm GAQAT --dataset PACS --data_dir data \\
         --test_envs 0 --steps 7000 --every 350 --K 350 --output_dir traces/gaqat_w4
 """
 
-import argparse
 import json
 import os
 import random
@@ -25,9 +24,18 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from domainbed_gaqat import runtools
-from domainbed_gaqat.freezing import DisorderTracker
-from domainbed_gaqat.networks import quantizers, scale_label
+from domainbed_gaqat import options
+from domainbed_gaqat.experiments import outputs
+from domainbed_gaqat.optim.freezing import DisorderTracker
+from domainbed_gaqat.plugin.checkpoints import (
+    algorithm_class,
+    checkpoint_dict,
+    quantized_algorithms,
+)
+from domainbed_gaqat.plugin.data import Data, default_device
+from domainbed_gaqat.plugin.featurizer import scale_label
+from domainbed_gaqat.plugin.hparams import train_hparams
+from domainbed_gaqat.quant.modules import quantizers
 
 GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4")
 TABLES = ("grads", "disorder")
@@ -41,61 +49,40 @@ def layer_group(label: str) -> str:
 
 
 class TraceRecorder:
-    """Records each update's scale gradients on an algorithm (see module docstring).
+    """Records each update's scale gradients on an algorithm, through its scale-gradient hook.
 
     ``rows`` get one entry per scale and block of ``every`` steps (the last block may be
     shorter); ``disorder_rows`` one per scale, stream and closed window of ``K`` steps.
-    Call :meth:`close` to remove the hooks (and flush a partial block).
+    Call :meth:`close` to remove the hook (and flush a partial block).
     """
 
     def __init__(self, algorithm: nn.Module, every: int, K: int) -> None:
         named = list(quantizers(algorithm))
-        scales = getattr(algorithm, "scales", [])
-        if not named or [id(q.scale) for _, q in named] != [id(s) for s in scales]:
+        spec = getattr(algorithm, "SPEC", None)
+        if not named or spec is None or not spec.quantized:
             raise ValueError(f"{type(algorithm).__name__} has no quantizer scales: expected a "
-                             f"quantized algorithm ({', '.join(runtools.QUANTIZED_ALGORITHMS)})")
+                             f"quantized algorithm ({', '.join(quantized_algorithms())})")
         if every < 1:
             raise ValueError(f"every (M) must be >= 1, got {every!r}")
-        self.algorithm, self.every, self.scales = algorithm, every, list(scales)
+        self.algorithm, self.every, self.scales = algorithm, every, list(algorithm.scales)
         self.labels = [scale_label(n) for n, _ in named]
         self.names = [n for n, _ in named]
         n = len(named)
-        self.split = hasattr(algorithm, "scale_grads")  # SAGM family: two gradient streams
-        self.freezer = getattr(algorithm, "freezer", None)
+        self.split = "sagm" in spec.families  # two gradient streams
+        self.freezing = "gaqat" in spec.families
         self.trackers = {"task": DisorderTracker(n, K)}
         if self.split:
             self.trackers["smooth"] = DisorderTracker(n, K)
         self.step, self.rows, self.disorder_rows = 0, [], []
-        self._pending = None
         self._reset_block()
-        if self.split:
-            inner = algorithm.scale_grads
-
-            def scale_grads(g_task: torch.Tensor, g_smooth: torch.Tensor) -> torch.Tensor:
-                frozen = self.freezer.frozen.clone() if self.freezer is not None else None
-                self._pending = (g_task.detach().clone(), g_smooth.detach().clone(), frozen)
-                return inner(g_task, g_smooth)
-
-            algorithm.scale_grads = scale_grads
-        self._hook = algorithm.optimizer.register_step_pre_hook(self._pre_step)
+        self._hook = algorithm.register_scale_gradient_hook(
+            lambda g: self.observe(g.task, g.smooth, g.applied, g.frozen))
 
     def _reset_block(self) -> None:
         zeros = torch.zeros(len(self.scales), dtype=torch.float64)
         self._sums = {"g_task": zeros.clone(), "g_smooth": zeros.clone(),
                       "g_applied": zeros.clone(), "frozen_steps": zeros.clone()}
         self._block_steps = 0
-
-    def _pre_step(self, optimizer, args, kwargs) -> None:
-        applied = torch.stack([s.grad if s.grad is not None else torch.zeros_like(s)
-                               for s in self.scales]).detach()
-        if self.split:
-            if self._pending is None:
-                raise RuntimeError("the optimizer stepped without a scale_grads call")
-            g_task, g_smooth, frozen = self._pending
-            self._pending = None
-        else:
-            g_task, g_smooth, frozen = applied, None, None
-        self.observe(g_task, g_smooth, applied, frozen)
 
     @torch.no_grad()
     def observe(self, g_task: torch.Tensor, g_smooth: torch.Tensor | None,
@@ -136,16 +123,14 @@ class TraceRecorder:
                 "kind": label[-1], "scale": scales[i], "g_task": columns["g_task"][i],
                 "g_smooth": columns["g_smooth"][i] if self.split else float("nan"),
                 "g_applied": columns["g_applied"][i],
-                "frozen_steps": (columns["frozen_steps"][i] if self.freezer is not None
+                "frozen_steps": (columns["frozen_steps"][i] if self.freezing
                                  else float("nan"))})
         self._reset_block()
 
     def close(self) -> None:
-        """Flush a partial block and restore the algorithm."""
+        """Flush a partial block and remove the hook."""
         self._flush()
         self._hook.remove()
-        if self.split and "scale_grads" in vars(self.algorithm):
-            del self.algorithm.scale_grads
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """``(grads, disorder)`` tidy tables."""
@@ -174,7 +159,7 @@ def _groups(df: pd.DataFrame) -> list[str]:
     return [g for g in GROUPS if g in set(df["group"])]
 
 
-def _grid(df: pd.DataFrame, title: str, ylabel: str) -> tuple[Figure, list]:
+def _panels(df: pd.DataFrame, title: str, ylabel: str) -> tuple[Figure, list]:
     """One panel per layer group, two panels a row, legends to the right of each panel."""
     groups = _groups(df)
     rows = -(-len(groups) // 2)
@@ -204,7 +189,7 @@ def figure_gradients(grads: pd.DataFrame, title: str) -> Figure:
     """Figures 2/5: per-block sums of ``g_task`` (solid) and ``g_smooth`` (dashed) per scale."""
     has_smooth = grads["g_smooth"].notna().any()
     ylabel = "block sum: g_task (solid)" + (", g_smooth (dashed)" if has_smooth else "")
-    fig, panels = _grid(grads, title, ylabel)
+    fig, panels = _panels(grads, title, ylabel)
     for group, ax in panels:
         sub = grads[grads["group"] == group]
         colors = _colors(sub["label"].unique())
@@ -221,7 +206,7 @@ def figure_gradients(grads: pd.DataFrame, title: str) -> Figure:
 
 def figure_disorder(disorder: pd.DataFrame, title: str) -> Figure:
     """Figure 3: task (solid) and smooth (dashed) gradient disorder per window of K steps."""
-    fig, panels = _grid(disorder, title, "disorder: task (solid), smooth (dashed)")
+    fig, panels = _panels(disorder, title, "disorder: task (solid), smooth (dashed)")
     for group, ax in panels:
         sub = disorder[disorder["group"] == group]
         colors = _colors(sub["label"].unique())
@@ -276,7 +261,7 @@ def write_outputs(grads: pd.DataFrame, disorder: pd.DataFrame, output_dir: str, 
     scales drawn, never the tables."""
     paths = []
     for name, df in zip(TABLES, (grads, disorder)):
-        paths += runtools.write_table(df, os.path.join(output_dir, name), overwrite)
+        paths += outputs.write_table(df, os.path.join(output_dir, name), overwrite)
     if select:
         pattern = re.compile(select)
         grads = grads[grads["label"].map(lambda s: bool(pattern.search(s)))]
@@ -290,7 +275,7 @@ def write_outputs(grads: pd.DataFrame, disorder: pd.DataFrame, output_dir: str, 
     if grads["frozen_steps"].notna().any():
         figures.append(("freezing.png", figure_freezing, grads))
     for name, draw, df in figures:
-        paths.append(runtools.save_figure(draw(df, title), os.path.join(output_dir, name),
+        paths.append(outputs.save_figure(draw(df, title), os.path.join(output_dir, name),
                                           overwrite))
     return paths
 
@@ -298,55 +283,41 @@ def write_outputs(grads: pd.DataFrame, disorder: pd.DataFrame, output_dir: str, 
 # --- command line --------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m domainbed_gaqat.traces",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algorithm", default="GAQAT")
-    p.add_argument("--dataset", default="RotatedDigits")
-    p.add_argument("--data_dir", default=None)
-    p.add_argument("--test_envs", type=int, nargs="+", default=[0])
-    p.add_argument("--steps", type=runtools.positive_int, default=1000)
-    p.add_argument("--every", type=runtools.positive_int, default=None,
-                   help="M: sum gradients over blocks of M steps (default: K)")
-    p.add_argument("--K", type=int, default=None,
-                   help="disorder window (default: the gaqat_K hparam, else 350)")
-    p.add_argument("--hparams", default=None, help="JSON hparams overrides, as train.py")
-    p.add_argument("--hparams_seed", type=int, default=0)
-    p.add_argument("--trial_seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout_fraction", type=float, default=0.2)
-    p.add_argument("--select", default=None,
-                   help="regex on scale labels to draw (e.g. 'layer3.0.conv1'); tables keep all")
-    p.add_argument("--save_model", action="store_true",
-                   help="also write model.pkl in train.py's format")
-    p.add_argument("--device", default=None)
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+def add_arguments(parser) -> None:
+    options.run(parser, algorithm="GAQAT", dataset="RotatedDigits")
+    parser.add_argument("--steps", type=options.positive_int, default=1000)
+    parser.add_argument("--every", type=options.positive_int, default=None,
+                        help="M: sum gradients over blocks of M steps (default: K)")
+    parser.add_argument("--K", type=int, default=None,
+                        help="disorder window (default: the gaqat_K hparam, else 350)")
+    parser.add_argument("--select", default=None, help="regex on scale labels to draw (e.g. "
+                        "'layer3.0.conv1'); tables keep all")
+    parser.add_argument("--save_model", action="store_true",
+                        help="also write model.pkl in train.py's format")
+    options.device(parser)
+    options.output(parser)
+    options.quiet(parser)
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    args = parse_args(argv)
-    device = args.device or runtools.default_device()
-    hparams = runtools.make_hparams(args.algorithm, args.dataset, args.hparams_seed,
-                                    args.trial_seed, args.hparams)
+def run(args) -> int:
+    device = args.device or default_device()
+    hparams = train_hparams(args.algorithm, args.dataset, args.hparams_seed, args.trial_seed,
+                            args.hparams)
     K = args.K if args.K is not None else hparams.get("gaqat_K", 350)
     if not isinstance(K, int) or K < 2:
         raise ValueError(f"--K {K!r}: the disorder window must be an integer >= 2")
     every = args.every or K
-    outputs = [os.path.join(args.output_dir, f) for f in
-               [f"{t}.{ext}" for t in TABLES for ext in ("csv", "parquet")] + list(FIGURES)
-               + ["meta.json"] + (["model.pkl"] if args.save_model else [])]
-    runtools.check_new(outputs, args.overwrite)
+    paths = [os.path.join(args.output_dir, f) for f in
+             [f"{t}.{ext}" for t in TABLES for ext in ("csv", "parquet")] + list(FIGURES)
+             + ["meta.json"] + (["model.pkl"] if args.save_model else [])]
+    outputs.check_new(paths, args.overwrite)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    data = runtools.Data(args.dataset, args.data_dir, args.test_envs, hparams,
-                         args.holdout_fraction, args.trial_seed)
-    algorithm = runtools.algorithm_class(args.algorithm)(
+    data = Data(args.dataset, args.data_dir, args.test_envs, hparams, args.holdout_fraction,
+                args.trial_seed)
+    algorithm = algorithm_class(args.algorithm)(
         data.dataset.input_shape, data.dataset.num_classes, len(data.train_envs), hparams)
     algorithm.to(device)
     TraceRecorder(algorithm, every, K).close()  # fail early on an unquantized algorithm
@@ -358,19 +329,21 @@ def main(argv: list[str] | None = None) -> list[str]:
     bits = f"W{hparams['w_bits']}A{hparams['a_bits']}"
     title = (f"{args.algorithm} {bits}, {args.dataset} test env {args.test_envs}, "
              f"M={every}, K={K}")
-    paths = write_outputs(grads, disorder, args.output_dir, title, args.select, args.overwrite)
+    written = write_outputs(grads, disorder, args.output_dir, title, args.select,
+                            args.overwrite)
     meta = {"args": vars(args), "hparams": hparams, "every": every, "K": K,
             "quantizers": list(dict.fromkeys(grads["quantizer"]))}
-    paths.append(runtools.write_text(os.path.join(args.output_dir, "meta.json"),
-                                     json.dumps(meta, indent=1), args.overwrite))
+    written.append(outputs.write_text(os.path.join(args.output_dir, "meta.json"),
+                                      json.dumps(meta, indent=1), args.overwrite))
     if args.save_model:
-        ckpt = runtools.checkpoint_dict(vars(args), data.dataset, args.test_envs, hparams,
-                                        algorithm)
-        paths.append(runtools.atomic_write(os.path.join(args.output_dir, "model.pkl"),
-                                           lambda p: torch.save(ckpt, p), args.overwrite))
-    runtools.finish(paths)
-    return paths
+        ckpt = checkpoint_dict(vars(args), data.dataset, args.test_envs, hparams, algorithm)
+        written.append(outputs.atomic_write(os.path.join(args.output_dir, "model.pkl"),
+                                            lambda p: torch.save(ckpt, p), args.overwrite))
+    outputs.finish(written)
+    return 0
 
 
 if __name__ == "__main__":
-    runtools.run_cli(main)
+    from domainbed_gaqat.cli import run_as_module
+
+    run_as_module("traces")

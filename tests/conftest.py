@@ -46,3 +46,10 @@ def _registered():
     import domainbed_gaqat
 
     domainbed_gaqat.register()
+
+
+def gaqat(*argv: str) -> int:
+    """``gaqat ARGV...`` in this process; returns the exit status."""
+    from domainbed_gaqat import cli
+
+    return cli.main(list(argv))

@@ -5,7 +5,7 @@ batch 2 per domain, a few steps:
 
 - ``gaqat_w4``: DomainBed's own ``train.py`` (a subprocess), GAQAT W4A4, test env 5, one step
   (so one evaluation); its ``results.jsonl`` holds train.py's accuracies of the saved model.
-- ``lsq_w3``: ``python -m domainbed_gaqat.traces`` (in process) with ``--save_model``,
+- ``lsq_w3``: ``gaqat traces`` (in process) with ``--save_model``,
   LSQ W3A3, test env 0, recording traces every 2 steps with K=2.
 """
 
@@ -33,13 +33,15 @@ def gaqat_w4(tmp_path_factory) -> str:
 def lsq_w3(tmp_path_factory) -> str:
     """Directory of a traces run with --save_model (grads.*, disorder.*, figures, model.pkl)."""
     if "lsq_w3" not in _RUNS:
-        from domainbed_gaqat import traces
+        from domainbed_gaqat import cli
 
         out = tmp_path_factory.mktemp("lsq_w3")
-        traces.main(["--algorithm", "LSQ", "--dataset", "RotatedDigits", "--test_envs", "0",
-                     "--steps", "5", "--every", "2", "--K", "2", "--quiet", "--save_model",
-                     "--hparams", json.dumps({**TINY, "w_bits": 3, "a_bits": 3}),
-                     "--output_dir", str(out)])
+        status = cli.main(["traces", "--algorithm", "LSQ", "--dataset", "RotatedDigits",
+                           "--test_envs", "0", "--steps", "5", "--every", "2", "--K", "2",
+                           "--quiet", "--save_model", "--hparams",
+                           json.dumps({**TINY, "w_bits": 3, "a_bits": 3}),
+                           "--output_dir", str(out)])
+        assert status == 0
         _RUNS["lsq_w3"] = str(out)
     return _RUNS["lsq_w3"]
 

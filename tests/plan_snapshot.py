@@ -98,13 +98,13 @@ class CurrentAPI:
 
     @staticmethod
     def load_config(name):
-        from domainbed_gaqat.sweep import load_config
+        from domainbed_gaqat.experiments.configs import load_config
 
         return load_config(name)
 
     @staticmethod
     def plan(config, out, data):
-        from domainbed_gaqat.sweep import plan
+        from domainbed_gaqat.experiments.sweep import plan
 
         return plan(config, out, data)
 
@@ -116,9 +116,9 @@ class CurrentAPI:
 
     @staticmethod
     def tables_main(argv):
-        from domainbed_gaqat.tables import main
+        from domainbed_gaqat.cli import main
 
-        return main(argv)
+        return main(["tables", *argv])
 
 
 if __name__ == "__main__":

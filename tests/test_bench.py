@@ -1,4 +1,4 @@
-"""The step benchmark (issue 6) in its reduced mode: it runs and writes valid JSON with every
+"""The step benchmark in its reduced mode: it runs and writes valid JSON with every
 ratio. No timing is asserted; the sync check needs CUDA."""
 
 import json
@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import PYTHON, run
+from conftest import PYTHON, gaqat, run
 
-from domainbed_gaqat import bench
+from domainbed_gaqat import bench, cli
+from domainbed_gaqat.experiments import outputs
 
 
 def test_quick_benchmark_writes_every_ratio(tmp_path):
@@ -33,20 +34,20 @@ def test_quick_benchmark_writes_every_ratio(tmp_path):
 
 def test_write_json_is_atomic_and_keeps_existing_files(tmp_path):
     path = tmp_path / "sub" / "r.json"
-    bench.write_json(str(path), {"a": 1})
+    outputs.write_text(str(path), json.dumps({"a": 1}), overwrite=False)
     with pytest.raises(FileExistsError):
-        bench.write_json(str(path), {"a": 2})
+        outputs.write_text(str(path), json.dumps({"a": 2}), overwrite=False)
     assert json.loads(path.read_text()) == {"a": 1}
-    bench.write_json(str(path), {"a": 3}, overwrite=True)
+    outputs.write_text(str(path), json.dumps({"a": 3}), overwrite=True)
     assert json.loads(path.read_text()) == {"a": 3}
     assert [p.name for p in path.parent.iterdir()] == ["r.json"]
 
 
-def test_existing_output_is_refused_before_running(tmp_path):
+def test_existing_output_is_refused_before_running(tmp_path, capsys):
     out = tmp_path / "bench.json"
     out.write_text("{}")
-    with pytest.raises(SystemExit, match="exists"):
-        bench.main(["--quick", "--out", str(out)])
+    assert gaqat("bench", "--quick", "--out", str(out)) == 2
+    assert "exists" in capsys.readouterr().err
     assert out.read_text() == "{}"
 
 
@@ -64,7 +65,8 @@ def test_summary_and_ratios_are_per_repeat():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gaqat_step_does_not_synchronise_with_the_host():
-    args = bench.parse_args(["--quick", "--device", "cuda"])
+    args = bench.resolve(cli.command_parser("bench")[0].parse_args(["--quick", "--device",
+                                                                    "cuda"]))
     device = torch.device("cuda")
     alg = bench.build("GAQAT", args, device)
     batch = bench.make_batch(args, device)

@@ -8,8 +8,8 @@ import domainbed
 import pytest
 from conftest import run
 
-from domainbed_gaqat import algorithms as plugin_algorithms
-from domainbed_gaqat import datasets as plugin_datasets
+from domainbed_gaqat.plugin import datasets as plugin_datasets
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
 MODULES = [
     "domainbed.test.test_hparams_registry",
@@ -33,7 +33,7 @@ def test_domainbed_cpu_test_modules_pass_with_the_plugin():
     case = re.compile(r"\[with algorithm_name='(\w+)', dataset_name='(\w+)'\] \.\.\. ok$",
                       re.MULTILINE)
     passed = set(case.findall(log))
-    for algorithm in plugin_algorithms.ALGORITHMS:
+    for algorithm in list(ALGORITHMS):
         for dataset in ("RotatedDigits", "PACS", "DomainNet"):
             assert (algorithm, dataset) in passed
     assert set(plugin_datasets.DATASETS) <= {d for _, d in passed}

@@ -11,7 +11,7 @@ import torch
 from conftest import run, tiny_hparams
 from domainbed import algorithms as db_algorithms
 
-from domainbed_gaqat.datasets import RotatedDigits
+from domainbed_gaqat.plugin.datasets import RotatedDigits
 
 N_ENVS = len(RotatedDigits.ENVIRONMENTS)
 

@@ -12,6 +12,7 @@ max |logit| on 32 random inputs (measured: mostly ~1e-6; one tie flip in an earl
 quantization) within 1e-4 relative of PyTorch with the quantizers turned off.
 """
 
+import json
 import os
 
 import numpy as np
@@ -19,12 +20,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_hparams
+from conftest import gaqat, tiny_hparams
 from inspect_fixtures import gaqat_w4, lsq_w3
 from onnx import TensorProto, helper, numpy_helper
 
-from domainbed_gaqat import export, runtools
-from domainbed_gaqat.networks import QuantConv2d, quantizers
+from domainbed_gaqat import export
+from domainbed_gaqat.plugin import checkpoints
+from domainbed_gaqat.quant.modules import QuantConv2d, quantizers
 
 
 @pytest.fixture(scope="module", params=["gaqat_w4", "lsq_w3"])
@@ -32,8 +34,9 @@ def exported(request, tmp_path_factory) -> dict:
     run = gaqat_w4 if request.param == "gaqat_w4" else lsq_w3
     pkl = os.path.join(run(tmp_path_factory), "model.pkl")
     out = tmp_path_factory.mktemp(f"export_{request.param}")
-    report = export.main([pkl, "--n_random", "32", "--output_dir", str(out)])
-    algorithm, _ = runtools.load_algorithm(pkl)
+    assert gaqat("export", pkl, "--n_random", "32", "--output_dir", str(out)) == 0
+    report = json.loads((out / "export.json").read_text())
+    algorithm, _ = checkpoints.load_algorithm(pkl)
     return {"report": report, "dir": str(out), "algorithm": algorithm,
             "bits": 4 if request.param == "gaqat_w4" else 3}
 
@@ -179,8 +182,8 @@ def test_size_ratio_matches_the_parameter_count(exported) -> None:
 
 
 def test_unquantized_model_is_a_clear_error() -> None:
-    alg = runtools.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
+    alg = checkpoints.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
     with pytest.raises(ValueError, match="no quantizers"):
         export.build_model(alg, quantize=True)
     with pytest.raises(ValueError, match="expected a quantized model"):
-        runtools.require_quantized({"args": {"algorithm": "ERM_FP"}}, "x/model.pkl")
+        checkpoints.require_quantized({"args": {"algorithm": "ERM_FP"}}, "x/model.pkl")

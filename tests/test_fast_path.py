@@ -14,10 +14,12 @@ import torch
 from conftest import PYTHON, run, tiny_hparams
 from torch import nn
 
-from domainbed_gaqat import quantizer
-from domainbed_gaqat.networks import Featurizer, quantizers
-from domainbed_gaqat.quantizer import grid, lsq_quantize, lsq_reference
-from domainbed_gaqat.sagm import frozen_bn_statistics
+from domainbed_gaqat.optim.sagm import frozen_bn_statistics
+from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
+from domainbed_gaqat.quant import lsq
+from domainbed_gaqat.quant.config import integer_range
+from domainbed_gaqat.quant.lsq import lsq_quantize, lsq_reference
+from domainbed_gaqat.quant.modules import quantizers
 
 
 def _values(shape: tuple[int, ...], lower: int, upper: int, scale: float,
@@ -52,7 +54,7 @@ def _assert_match(fast, ref, grad_out: torch.Tensor, grad_scale: float) -> None:
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("grad_scale", [1.0, 0.01])
 def test_lsq_function_matches_plain_autograd_reference(bits, signed, grad_scale):
-    lower, upper = grid(bits, signed)
+    lower, upper = integer_range(bits, signed)
     scale = torch.tensor(0.37)
     v = _values((6, 5, 7, 7), lower, upper, scale.item())
     grad_out = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
@@ -62,7 +64,7 @@ def test_lsq_function_matches_plain_autograd_reference(bits, signed, grad_scale)
 
 
 def test_lsq_function_channels_last_and_input_without_grad():
-    lower, upper = grid(4, signed=True)
+    lower, upper = integer_range(4, signed=True)
     scale = torch.tensor(0.2)
     v = _values((4, 8, 5, 5), lower, upper, 0.2).to(memory_format=torch.channels_last)
     grad_out = torch.randn(v.shape).to(memory_format=torch.channels_last)
@@ -74,7 +76,7 @@ def test_lsq_function_channels_last_and_input_without_grad():
 
 
 def test_bf16_input_is_quantized_in_float32():
-    lower, upper = grid(4, signed=False)
+    lower, upper = integer_range(4, signed=False)
     v = _values((4, 8, 5, 5), lower, upper, 0.3).bfloat16()
     grad_out = torch.randn(v.shape).bfloat16().float()  # representable in bf16
     low = _run(lsq_quantize, v, torch.tensor(0.3), lower, upper, 0.1, grad_out)
@@ -85,24 +87,24 @@ def test_bf16_input_is_quantized_in_float32():
 
 
 def test_compiled_kernels_match_eager():
-    cases = [(grid(4, False), (3, 16, 9, 9)), (grid(4, False), (5, 8, 6, 6)),
-             (grid(3, True), (16, 8, 3, 3))]
+    cases = [(integer_range(4, False), (3, 16, 9, 9)), (integer_range(4, False), (5, 8, 6, 6)),
+             (integer_range(3, True), (16, 8, 3, 3))]
     eager, compiled = [], []
     try:
         for results in (eager, compiled):
             if results is compiled:
-                quantizer.compile_kernels()
+                lsq.compile_kernels()
             for (lower, upper), shape in cases:
                 v = _values(shape, lower, upper, 0.3)
                 grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(2))
                 results.append(_run(lsq_quantize, v, torch.tensor(0.3), lower, upper, 0.05,
                                     grad_out))
     finally:
-        quantizer.compile_kernels(False)
+        lsq.compile_kernels(False)
     for fast, ref in zip(compiled, eager):
         assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
         torch.testing.assert_close(fast[2], ref[2], rtol=1e-5, atol=1e-6)
-    assert quantizer._kernels.forward is quantizer._forward
+    assert lsq._kernels.forward is lsq._forward
 
 
 def test_compiled_kernels_are_shared_by_weights_of_every_shape():
@@ -110,28 +112,29 @@ def test_compiled_kernels_are_shared_by_weights_of_every_shape():
     many weight shapes do not exhaust its recompile limit (then falling back to eager)."""
     from torch._dynamo.utils import counters
 
-    lower, upper = grid(4, signed=True)
+    lower, upper = integer_range(4, signed=True)
     try:
-        quantizer.compile_kernels()
+        lsq.compile_kernels()
         graphs = []
         for c in (24, 32, 40, 48, 64, 80, 96, 128, 160, 192):  # all > 4096 elements
             weight = nn.Parameter(torch.randn(c, c, 3, 3))
             lsq_quantize(weight, nn.Parameter(torch.tensor(0.1)), lower, upper).sum().backward()
             graphs.append(counters["stats"]["unique_graphs"])
     finally:
-        quantizer.compile_kernels(False)
+        lsq.compile_kernels(False)
     assert graphs[-1] == graphs[0], graphs  # the first shape compiled them; the rest reuse
 
 
 def test_compile_environment_switch():
-    code = ("from domainbed_gaqat import quantizer as q; "
+    code = ("from domainbed_gaqat.quant import lsq as q; "
             "assert q._kernels.forward is not q._forward, 'not compiled'")
     run([PYTHON, "-c", code], timeout=300, DOMAINBED_GAQAT_COMPILE="1")
 
 
 def test_quantized_featurizer_matches_reference_path(monkeypatch):
     torch.manual_seed(0)
-    model = Featurizer((3, 32, 32), tiny_hparams("LSQ"), bits=(3, 3))
+    hparams = tiny_hparams("LSQ", w_bits=3, a_bits=3)
+    model = Featurizer((3, 32, 32), hparams, QuantPolicy.from_hparams(hparams))
     state = model.state_dict()  # scales set by hand: range calibration is not under test
     for name, q in quantizers(model):
         state[f"{name}.scale"] = torch.tensor(0.05 if q.is_weight else 0.3)
@@ -147,7 +150,7 @@ def test_quantized_featurizer_matches_reference_path(monkeypatch):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast_out, fast_grads = forward_backward()
-    monkeypatch.setattr(quantizer, "lsq_quantize", lsq_reference)
+    monkeypatch.setattr(lsq, "lsq_quantize", lsq_reference)
     ref_out, ref_grads = forward_backward()
     assert torch.equal(fast_out, ref_out)
     scales = {f"{name}.scale" for name, _ in quantizers(model)}

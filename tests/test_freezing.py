@@ -14,7 +14,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from domainbed_gaqat.freezing import DisorderTracker, ScaleFreezer, freeze_decision
+from domainbed_gaqat.optim.freezing import DisorderTracker, ScaleFreezer, freeze_decision
 from tests.conftest import tiny_hparams
 
 # --- the reference --------------------------------------------------------------------------
@@ -252,26 +252,19 @@ def batches(n_steps: int, seed: int = 0) -> list[list[tuple[torch.Tensor, torch.
 
 
 class Recorder:
-    """Captures one instance's ``g_task``/``g_smooth`` (the arguments of its ``scale_grads``)
-    and its scales' ``.grad`` right before its ``optimizer.step``."""
+    """Captures one instance's ``g_task``/``g_smooth`` and the scale gradients it applies, from
+    its scale-gradient hook (right before its ``optimizer.step``)."""
 
-    def __init__(self, algorithm, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, algorithm) -> None:
         self.g_task: list[torch.Tensor] = []
         self.g_smooth: list[torch.Tensor] = []
         self.applied: list[torch.Tensor] = []
-        original_combine, original_step = algorithm.scale_grads, algorithm.optimizer.step
+        self.handle = algorithm.register_scale_gradient_hook(self._record)
 
-        def scale_grads(g_task: torch.Tensor, g_smooth: torch.Tensor) -> torch.Tensor:
-            self.g_task.append(g_task.clone())
-            self.g_smooth.append(g_smooth.clone())
-            return original_combine(g_task, g_smooth)
-
-        def step(*args, **kwargs):
-            self.applied.append(torch.stack([s.grad.clone() for s in algorithm.scales]))
-            return original_step(*args, **kwargs)
-
-        monkeypatch.setattr(algorithm, "scale_grads", scale_grads)
-        monkeypatch.setattr(algorithm.optimizer, "step", step)
+    def _record(self, grads) -> None:
+        self.g_task.append(grads.task.clone())
+        self.g_smooth.append(grads.smooth.clone())
+        self.applied.append(grads.applied.clone())
 
 
 def calibrate(algorithm, data) -> None:
@@ -296,7 +289,7 @@ def test_gaqat_instance_follows_algorithm_1(calibrated, monkeypatch: pytest.Monk
     floats; Adam's first step moves each scale by about ``-scale_lr * sign(grad)``."""
     algorithm, data = copy.deepcopy(calibrated)
     K, r, steps = algorithm.hparams["gaqat_K"], algorithm.hparams["gaqat_r"], 5
-    recorder = Recorder(algorithm, monkeypatch)
+    recorder = Recorder(algorithm)
     scales_before = torch.stack([s.detach().clone() for s in algorithm.scales])
     frozen, stats = [], []
     for t in range(steps):
@@ -337,7 +330,7 @@ def test_freezing_leaves_weights_alone(calibrated, monkeypatch: pytest.MonkeyPat
     # deep copy: Optimizer.load_state_dict keeps the very tensors it is given
     sagm.optimizer.load_state_dict(copy.deepcopy(gaqat.optimizer.state_dict()))
     gaqat.freezer.frozen.fill_(True)
-    recorder, sagm_recorder = Recorder(gaqat, monkeypatch), Recorder(sagm, monkeypatch)
+    recorder, sagm_recorder = Recorder(gaqat), Recorder(sagm)
     gaqat.update(data[1])
     sagm.update(data[1])
     assert torch.equal(recorder.applied[0], 0.5 * recorder.g_smooth[0])

@@ -5,11 +5,11 @@ import shlex
 import sys
 
 import pytest
-from conftest import PYTHON, run
+from conftest import PYTHON, gaqat, run
 from domainbed import command_launchers
 from submitit.core.utils import DelayedSubmission
 
-from domainbed_gaqat import launchers, sweep
+from domainbed_gaqat.plugin import launchers
 
 ENV = [variable for variable, _, _ in launchers.SETTINGS.values()]
 
@@ -106,7 +106,7 @@ def test_gaqat_sweep_uses_the_stage_time_limit(tmp_path, fake_slurm, monkeypatch
     moco = tmp_path / "moco.pth.tar"
     moco.write_bytes(b"weights")
     monkeypatch.setenv("DOMAINBED_GAQAT_MOCO", str(moco))
-    assert sweep.main(["launch", "pacs_w4a4", "--output_dir", str(tmp_path / "out"),
+    assert gaqat(*["sweep", "launch", "pacs_w4a4", "--output_dir", str(tmp_path / "out"),
                        "--data_dir", str(tmp_path), "--stage", "fp", "--command_launcher",
                        "submitit", "--skip_confirmation"]) == 0
     script = fake_slurm.read_text()  # 36 jobs, pacs_w4a4's fp stage: time_min 180

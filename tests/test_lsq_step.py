@@ -11,7 +11,7 @@ from conftest import tiny_hparams
 from domainbed import algorithms as db_algorithms
 from domainbed import datasets as db_datasets
 
-from domainbed_gaqat.networks import quantizers
+from domainbed_gaqat.quant.modules import quantizers
 
 SHAPE, N_CLASSES, N_DOMAINS = (3, 32, 32), 10, 5
 RESERVED = ("step", "epoch", "step_time", "mem_gb")  # keys DomainBed's train.py writes itself

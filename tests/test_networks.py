@@ -14,8 +14,10 @@ from domainbed import algorithms as db_algorithms
 from domainbed.lib import misc
 from torch import nn
 
-from domainbed_gaqat.networks import Featurizer, QuantConv2d, quantizers
-from domainbed_gaqat.quantizer import LSQQuantizer, mse_scale
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
+from domainbed_gaqat.plugin.featurizer import Featurizer
+from domainbed_gaqat.quant.modules import LSQQuantizer, QuantConv2d, quantizers
+from domainbed_gaqat.quant.range_init import mse_scale
 
 SHAPE = (3, 32, 32)
 N_CLASSES, N_DOMAINS = 10, 5
@@ -177,7 +179,7 @@ def test_bits_outside_2_to_8_are_rejected(overrides):
 # --- frozen BatchNorm ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ERM_FP", "LSQ"])
+@pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_batchnorm_stays_frozen(name):
     algorithm = _algorithm(name)
     bns = [m for m in algorithm.modules() if isinstance(m, BN)]
@@ -398,7 +400,7 @@ def test_unknown_init_and_missing_moco_path(monkeypatch):
 # --- state_dict round-trip -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["LSQ", "ERM_FP"])
+@pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_state_dict_round_trips_strictly(name):
     torch.manual_seed(5)
     trained = _algorithm(name)

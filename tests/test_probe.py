@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import gaqat
 from inspect_fixtures import gaqat_w4, last_results
 
-from domainbed_gaqat import probe, runtools
+from domainbed_gaqat import probe
+from domainbed_gaqat.plugin import checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +18,10 @@ def run_dir(tmp_path_factory) -> str:
     return gaqat_w4(tmp_path_factory)
 
 
-def test_factor_one_reproduces_train_py_accuracies(run_dir, tmp_path) -> None:
+def test_factor_one_reproduces_train_py_accuracies(run_dir, tmp_path, capsys) -> None:
     pkl = os.path.join(run_dir, "model.pkl")
-    probe.main([pkl, "--layers", "layer3.0.conv1", "--kind", "w", "--factors", "1.0",
-                "--output_dir", str(tmp_path), "--quiet"])
+    assert gaqat("probe", pkl, "--layers", "layer3.0.conv1", "--kind", "w", "--factors", "1.0",
+                 "--output_dir", str(tmp_path), "--quiet") == 0
     df = pd.read_parquet(tmp_path / "probe.parquet")  # exact floats
     assert len(pd.read_csv(tmp_path / "probe.csv")) == len(df)
     assert list(df["scale"]) == ["origin", "layer3.0.conv1 w"]
@@ -41,12 +43,13 @@ def test_factor_one_reproduces_train_py_accuracies(run_dir, tmp_path) -> None:
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == cells[2] == f"{100 * origin['id_acc']:.2f} / {100 * origin['ood_acc']:.2f}"
     assert "| scale | origin | 100% |" in table
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        probe.main([pkl, "--output_dir", str(tmp_path), "--quiet"])
+    capsys.readouterr()
+    assert gaqat("probe", pkl, "--output_dir", str(tmp_path), "--quiet") == 2
+    assert "--overwrite" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_perturbed_weight_scale_requantizes_the_weights(run_dir) -> None:
-    algorithm, _ = runtools.load_algorithm(os.path.join(run_dir, "model.pkl"))
+    algorithm, _ = checkpoints.load_algorithm(os.path.join(run_dir, "model.pkl"))
     [(name, q)] = probe.select_quantizers(algorithm, ["layer3.0.conv1"], "w")
     assert name.endswith("layer3.0.conv1.w_quant")
     conv = algorithm.featurizer.network.layer3[0].conv1
@@ -78,7 +81,7 @@ def test_perturbed_weight_scale_requantizes_the_weights(run_dir) -> None:
 
 
 def test_bad_selections_are_clear_errors(run_dir) -> None:
-    algorithm, _ = runtools.load_algorithm(os.path.join(run_dir, "model.pkl"))
+    algorithm, _ = checkpoints.load_algorithm(os.path.join(run_dir, "model.pkl"))
     with pytest.raises(ValueError, match=r"layers \['layer9'\].*match no quantizer"):
         probe.select_quantizers(algorithm, ["layer9"], "w")
     with pytest.raises(ValueError, match="kind 'x'"):

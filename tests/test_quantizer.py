@@ -10,7 +10,10 @@ import math
 import pytest
 import torch
 
-from domainbed_gaqat.quantizer import LSQFunction, LSQQuantizer, grid, lsq_quantize, mse_scale
+from domainbed_gaqat.quant.config import QuantConfig, integer_range
+from domainbed_gaqat.quant.lsq import LSQFunction, lsq_quantize
+from domainbed_gaqat.quant.modules import LSQQuantizer
+from domainbed_gaqat.quant.range_init import mse_scale
 
 BITS = list(range(2, 9))
 KINDS = {  # name -> (signed, is_weight); the stem's input is a signed activation
@@ -54,7 +57,7 @@ def _grid_points(bits: int, signed: bool, s: float, n: int, seed: int) -> torch.
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("signed", [True, False])
 def test_grid_has_2_pow_bits_levels(bits: int, signed: bool) -> None:
-    lower, upper = grid(bits, signed)
+    lower, upper = integer_range(bits, signed)
     assert (lower, upper) == _levels(bits, signed)
     assert upper - lower + 1 == 2**bits
     assert (lower == -(upper + 1)) if signed else (lower == 0)
@@ -63,9 +66,9 @@ def test_grid_has_2_pow_bits_levels(bits: int, signed: bool) -> None:
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, -4, 4.0, "4", True, None])
 def test_bits_outside_2_to_8_raise(bits) -> None:
     with pytest.raises(ValueError, match=r"2\.\.8"):
-        grid(bits, signed=True)
+        integer_range(bits, signed=True)
     with pytest.raises(ValueError, match=r"2\.\.8"):
-        LSQQuantizer(bits, signed=False, is_weight=False)
+        LSQQuantizer(QuantConfig(bits, False), is_weight=False)
 
 
 # --- forward ---------------------------------------------------------------------------------
@@ -77,7 +80,7 @@ def test_forward_is_nearest_level_and_clipped(bits: int, kind: str) -> None:
     signed, is_weight = KINDS[kind]
     lo, hi = _levels(bits, signed)
     s = 0.037
-    quantizer = LSQQuantizer(bits, signed=signed, is_weight=is_weight)
+    quantizer = LSQQuantizer(QuantConfig(bits, signed), is_weight=is_weight)
     quantizer.load_state_dict({"scale": torch.tensor(s), "initialized": torch.tensor(True)})
 
     v = _grid_points(bits, signed, s, 2000, seed=bits).float()
@@ -99,17 +102,18 @@ def test_forward_hand_worked_examples() -> None:
     s = torch.tensor(1.0)
     v = torch.tensor([-3.0, -1.2, -0.4, 0.6, 2.4])
     # 2-bit signed grid {-2, -1, 0, 1}: the stem keeps negative pixels
-    assert lsq_quantize(v, s, *grid(2, signed=True)).tolist() == [-2.0, -1.0, 0.0, 1.0, 1.0]
+    signed = integer_range(2, signed=True)
+    assert lsq_quantize(v, s, *signed).tolist() == [-2.0, -1.0, 0.0, 1.0, 1.0]
     # 2-bit unsigned grid {0, 1, 2, 3}: every negative input becomes 0
-    assert lsq_quantize(v, s, *grid(2, signed=False)).tolist() == [0.0, 0.0, 0.0, 1.0, 2.0]
+    assert lsq_quantize(v, s, *integer_range(2, signed=False)).tolist() == [0.0, 0.0, 0.0, 1.0, 2.0]
 
 
 @pytest.mark.parametrize("bits", BITS)
 def test_signed_activation_grid_keeps_negative_inputs(bits: int) -> None:
     """The stem's input is a normalised image: a signed grid keeps its negative half."""
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(bits))
-    stem = LSQQuantizer(bits, signed=True, is_weight=False)
-    relu_input = LSQQuantizer(bits, signed=False, is_weight=False)
+    stem = LSQQuantizer(QuantConfig(bits, True), is_weight=False)
+    relu_input = LSQQuantizer(QuantConfig(bits, False), is_weight=False)
     qs, qu = stem(x).detach(), relu_input(x).detach()
     assert (qs[x < -float(stem.scale)] < 0).all()
     assert (qu[x < 0] == 0).all()
@@ -143,7 +147,7 @@ def _grads(v: torch.Tensor, s: torch.Tensor, lower: int, upper: int, go: torch.T
 def test_gradients_hand_worked(signed, s, v, go, grad_v, grad_s) -> None:
     bits = 3 if signed else 2
     gv, gs = _grads(torch.tensor(v, dtype=torch.float64), torch.tensor(s, dtype=torch.float64),
-                    *grid(bits, signed), torch.tensor(go, dtype=torch.float64))
+                    *integer_range(bits, signed), torch.tensor(go, dtype=torch.float64))
     torch.testing.assert_close(gv, torch.tensor(grad_v, dtype=torch.float64))
     assert gs.shape == ()
     assert gs.item() == pytest.approx(grad_s, abs=1e-12)
@@ -224,8 +228,8 @@ def test_lsq_gradient_scale_option(is_weight: bool, shapes: list, bits: int) -> 
 
         grads = {}
         for option in (True, False):
-            quantizer = LSQQuantizer(bits, signed=signed, is_weight=is_weight,
-                                     lsq_grad_scale=option)
+            config = QuantConfig(bits, signed, grad_scale=option)
+            quantizer = LSQQuantizer(config, is_weight=is_weight)
             assert quantizer.grad_scale(v) == pytest.approx(expected_g if option else 1.0)
             vv = v.clone().requires_grad_(True)
             (quantizer(vv) * go).sum().backward()
@@ -291,7 +295,7 @@ def test_quantizer_initialises_once_from_its_first_input() -> None:
     gen = torch.Generator().manual_seed(3)
     first = torch.randn(8, 16, 5, 5, generator=gen).relu()
     second = 10 * torch.randn(8, 16, 5, 5, generator=gen).relu()
-    quantizer = LSQQuantizer(4, signed=False, is_weight=False)
+    quantizer = LSQQuantizer(QuantConfig(4, False), is_weight=False)
     assert isinstance(quantizer.scale, torch.nn.Parameter)
     assert not bool(quantizer.initialized)
     quantizer(first)
@@ -300,7 +304,7 @@ def test_quantizer_initialises_once_from_its_first_input() -> None:
     quantizer(second)
     assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
 
-    restored = LSQQuantizer(4, signed=False, is_weight=False)
+    restored = LSQQuantizer(QuantConfig(4, False), is_weight=False)
     restored.load_state_dict(quantizer.state_dict(), strict=True)
     restored(second)
     assert restored.scale.item() == quantizer.scale.item()

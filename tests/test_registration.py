@@ -20,8 +20,8 @@ import domainbed
 import pytest
 from conftest import run
 
-from domainbed_gaqat import algorithms as plugin_algorithms
-from domainbed_gaqat import datasets as plugin_datasets
+from domainbed_gaqat.plugin import datasets as plugin_datasets
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +83,9 @@ def _copy_project(dest: Path) -> Path:
     dest.mkdir(parents=True)
     for name in PROJECT_FILES:
         shutil.copy2(REPO / name, dest / name)
-    shutil.copytree(REPO / "domainbed_gaqat", dest / "domainbed_gaqat",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for folder in ("domainbed_gaqat", "sweeps"):
+        shutil.copytree(REPO / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
 
@@ -142,7 +143,7 @@ def test_fresh_interpreter_and_its_children_see_the_plugin(installed, tmp_path):
     assert out["hook_ran"] and out["finder_installed"]
     assert not out["torch_at_startup"] and not out["domainbed_at_startup"]
 
-    names = plugin_algorithms.ALGORITHMS
+    names = list(ALGORITHMS)
     assert {"LSQ", "SAGM_LSQ", "GAQAT", "ERM_FP"} <= set(names)
     for view in (out["before_register"], out["child"]["before_register"],
                  out["after_register"]):
@@ -166,7 +167,7 @@ def test_startup_is_cheap_and_imports_no_torch(installed, tmp_path):
                    cwd=tmp_path)
     modules = set(json.loads(proc.stdout))
     assert "domainbed_gaqat._startup" in modules
-    assert not {"torch", "numpy", "domainbed", "domainbed_gaqat.registry"} & modules
+    assert not {"torch", "numpy", "domainbed", "domainbed_gaqat.plugin"} & modules
 
     # The hook's import subtree in -X importtime: only the plugin's two modules and stdlib.
     rows = []
@@ -204,15 +205,15 @@ def test_opt_out_and_explicit_register(installed, tmp_path):
 
 
 def test_plugin_modules_imported_before_domainbed(installed, tmp_path):
-    """``from domainbed_gaqat.algorithms import ...`` first: the plugin module is still
+    """``from domainbed_gaqat.plugin.algorithms import ...`` first: the plugin module is still
     executing when it imports DomainBed's registry, which is patched once it finishes."""
     python, _, mode = installed
     if mode == "editable":
         pytest.skip("import order is handled by the start-up module, the same in both modes")
-    code = ("import domainbed_gaqat.algorithms, domainbed_gaqat.datasets\n"
+    code = ("import domainbed_gaqat.plugin.algorithms, domainbed_gaqat.plugin.datasets\n"
             "from domainbed import algorithms, datasets\n"
             "print(algorithms.ALGORITHMS.count('LSQ'), datasets.DATASETS.count('RotatedDigits'),"
-            " algorithms.get_algorithm_class('GAQAT') is domainbed_gaqat.algorithms.GAQAT)")
+            " algorithms.get_algorithm_class('GAQAT') is domainbed_gaqat.plugin.algorithms.GAQAT)")
     proc = _python(python, ["-W", "error::UserWarning", "-c", code], cwd=tmp_path)
     assert proc.stdout.split() == ["1", "1", "True"]
     assert proc.stderr == ""
@@ -250,7 +251,7 @@ def test_debug_datasets_get_a_batch_their_loader_can_fill():
     out of its infinite loader (``drop_last=True``)."""
     from domainbed import hparams_registry
 
-    for name in plugin_algorithms.ALGORITHMS:
+    for name in list(ALGORITHMS):
         for dataset in ("Debug28", "Debug224"):
             assert hparams_registry.default_hparams(name, dataset)["batch_size"] <= 13
             assert hparams_registry.random_hparams(name, dataset, 1)["batch_size"] <= 13

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from domainbed_gaqat.quantizer import LSQQuantizer
-from domainbed_gaqat.sagm import frozen_bn_statistics, sagm_step
+from domainbed_gaqat.optim.sagm import frozen_bn_statistics, sagm_step
+from domainbed_gaqat.quant.config import QuantConfig
+from domainbed_gaqat.quant.modules import LSQQuantizer
 
 RHO, ALPHA = 0.05, 0.001
 
@@ -26,9 +27,9 @@ class Tiny(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3)
         self.bn = nn.BatchNorm2d(3, momentum=bn_momentum)
-        self.a_quant = LSQQuantizer(3, signed=False, is_weight=False, lsq_grad_scale=False)
+        self.a_quant = LSQQuantizer(QuantConfig(3, False, grad_scale=False), is_weight=False)
         self.fc = nn.Linear(3 * 4 * 4, 5)
-        self.w_quant = LSQQuantizer(4, signed=True, is_weight=True)
+        self.w_quant = LSQQuantizer(QuantConfig(4, True), is_weight=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.a_quant(F.relu(self.bn(self.conv(x))))

@@ -3,13 +3,15 @@ written by the tests as train.py would)."""
 
 import json
 import os
+import re
 from collections import Counter
 
 import pytest
+from conftest import gaqat
 from domainbed.scripts.sweep import Job
 
-from domainbed_gaqat import sweep
-from domainbed_gaqat.hparams import GAQAT_GRIDS, LR_GRID
+from domainbed_gaqat.experiments import configs, sweep
+from domainbed_gaqat.plugin.hparams import GAQAT_GRIDS, LR_GRID
 
 LRS = [1e-5, 3e-5, 5e-5]
 PACS_ENVS = 4
@@ -48,7 +50,7 @@ def cell(jobs: list[Job], algorithm: str, test_envs: list[int], trial: int) -> l
 
 
 def test_pacs_stage1_jobs(tmp_path):
-    config = sweep.load_config("pacs_w4a4")
+    config = configs.load_config("pacs_w4a4")
     fp, qat, gaqat = sweep.plan(config, tmp_path / "out", tmp_path / "data")
     # 3 trials x 4 test domains x 3 lr
     assert len(fp.jobs) == 36 and fp.folder == str(tmp_path / "out" / "PACS" / "fp")
@@ -67,11 +69,11 @@ def test_pacs_stage1_jobs(tmp_path):
     assert "rho" not in hp(fp.jobs[0])  # global hparams reach only the algorithms that have them
     for later in (qat, gaqat):
         assert not later.jobs and "stage 'fp'" in later.blocked
-        assert "gaqat-sweep launch pacs_w4a4 --stage fp" in later.blocked
+        assert "gaqat sweep launch pacs_w4a4 --stage fp" in later.blocked
 
 
 def test_domainnet_groups_and_eval_window(tmp_path):
-    config = sweep.load_config("domainnet_w4a4")
+    config = configs.load_config("domainnet_w4a4")
     fp = sweep.plan(config, tmp_path, tmp_path)[0]
     assert len(fp.jobs) == 27  # 3 trials x 3 groups x 3 lr
     assert {tuple(j.train_args["test_envs"]) for j in fp.jobs} == {(0, 1), (2, 3), (4, 5)}
@@ -85,13 +87,13 @@ def test_two_stages_init_paths_and_base_lr(tmp_path):
     """Stage 2 starts from the stage-1 run of its test env and trial that the rule picks at its
     last checkpoint; GAQAT takes the lr chosen for SAGM_LSQ. Bit-widths get their own folder."""
     out = tmp_path / "out"
-    fp = sweep.plan(sweep.load_config("pacs_w4a4"), out, tmp_path)[0]
+    fp = sweep.plan(configs.load_config("pacs_w4a4"), out, tmp_path)[0]
     for job in fp.jobs:
         lr = hp(job)["lr"]
         # lr 1e-5 is best at step 0 (0.95) but worst at its last checkpoint: init uses the last
         finish(job, {1e-5: [0.95, 0.50], 3e-5: [0.60, 0.70], 5e-5: [0.60, 0.65]}[lr])
     for bits in ("w4a4", "w3a3"):
-        config = sweep.load_config(f"pacs_{bits}")
+        config = configs.load_config(f"pacs_{bits}")
         _, qat, gaqat = sweep.plan(config, out, tmp_path)
         assert len(qat.jobs) == 72 and qat.folder == str(out / "PACS" / bits)
         assert {(hp(j)["w_bits"], hp(j)["a_bits"]) for j in qat.jobs} == {
@@ -116,10 +118,10 @@ def test_two_stages_init_paths_and_base_lr(tmp_path):
                 assert {hp(j)["lr"] for j in jobs} == {5e-5 if trial == 1 else 1e-5}
                 assert len({j.train_args["hparams_seed"] for j in jobs}) == 9
     # Tables 5 and 6 reuse Table 2's runs: the same DomainBed jobs, hence the same folders
-    config = sweep.load_config("pacs_w4a4")
+    config = configs.load_config("pacs_w4a4")
     table2 = {j.output_dir for j in sweep.plan(config, out, tmp_path)[2].jobs}
     for name in ("pacs_freeze_steps", "pacs_threshold"):
-        jobs = sweep.plan(sweep.load_config(name), out, tmp_path)[2].jobs
+        jobs = sweep.plan(configs.load_config(name), out, tmp_path)[2].jobs
         assert len(jobs) == 36 and {j.output_dir for j in jobs} <= table2
 
 
@@ -127,30 +129,30 @@ def test_launch_refuses_until_stage1_is_done(tmp_path, capsys, monkeypatch):
     out, data = str(tmp_path / "out"), str(tmp_path)
     argv = ["launch", "pacs_w4a4", "--output_dir", out, "--data_dir", data,
             "--command_launcher", "dummy", "--skip_confirmation"]
-    assert sweep.main(argv + ["--stage", "qat"]) == 2
+    assert gaqat("sweep", *argv + ["--stage", "qat"]) == 2
     err = capsys.readouterr().err
     assert "36 of 36 are not done" in err and "36 not launched" in err
-    assert f"gaqat-sweep launch pacs_w4a4 --stage fp --output_dir {out}" in err
+    assert f"gaqat sweep launch pacs_w4a4 --stage fp --output_dir {out}" in err
     assert not os.path.exists(os.path.join(out, "PACS", "w4a4"))
     # the MoCo-v2 file must exist before stage 1 is launched
     monkeypatch.delenv("DOMAINBED_GAQAT_MOCO", raising=False)
-    assert sweep.main(argv + ["--stage", "fp"]) == 2
+    assert gaqat("sweep", *argv + ["--stage", "fp"]) == 2
     assert "export DOMAINBED_GAQAT_MOCO=" in capsys.readouterr().err
     moco = tmp_path / "moco.pth.tar"
     moco.write_bytes(b"weights")
     monkeypatch.setenv("DOMAINBED_GAQAT_MOCO", str(moco))
-    assert sweep.main(argv + ["--stage", "fp"]) == 0  # the dummy launcher prints the commands
+    assert gaqat("sweep", *argv + ["--stage", "fp"]) == 0  # the dummy launcher prints the commands
     assert capsys.readouterr().out.count("Dummy launcher: ") == 36
-    fp = sweep.plan(sweep.load_config("pacs_w4a4"), out, data)[0]
+    fp = sweep.plan(configs.load_config("pacs_w4a4"), out, data)[0]
     assert {j.state for j in fp.jobs} == {Job.INCOMPLETE}  # launched, not finished
     for job in fp.jobs[1:]:
         finish(job, [0.5])
     finish(fp.jobs[0], [0.5], done=False)  # one run still running, or crashed
-    assert sweep.main(argv) == 2  # all stages: fp has nothing left to launch, qat refuses
+    assert gaqat("sweep", *argv) == 2  # all stages: fp has nothing left to launch, qat refuses
     captured = capsys.readouterr()
     assert "About to launch 0 jobs." in captured.out
     assert "1 of 36 are not done (1 incomplete" in captured.err
-    assert sweep.main(["delete_incomplete", "pacs_w4a4", "--output_dir", out, "--data_dir",
+    assert gaqat(*["sweep", "delete_incomplete", "pacs_w4a4", "--output_dir", out, "--data_dir",
                        data, "--stage", "fp", "--skip_confirmation"]) == 0
     assert not os.path.exists(fp.jobs[0].output_dir)
 
@@ -179,17 +181,17 @@ def test_bad_configs_name_the_value(tmp_path, change, message):
                           "checkpoint_freq": 5}]}
     path = tmp_path / "bad.py"
     path.write_text(f"SWEEP = {config | change!r}\n")
-    with pytest.raises(sweep.ConfigError, match="bad.py: .*" + message.replace("[", r"\[")):
-        sweep.load_config(str(path))
+    with pytest.raises(configs.ConfigError, match=r"bad.py:\d+: .*" + re.escape(message)):
+        configs.load_config(str(path))
 
 
 def test_config_must_be_a_literal(tmp_path):
     path = tmp_path / "code.py"
     path.write_text("LR = [1e-3]\nSWEEP = {'dataset': 'RotatedDigits', 'lr': LR}\n")
-    with pytest.raises(sweep.ConfigError, match="SWEEP must be a literal"):
-        sweep.load_config(str(path))
+    with pytest.raises(configs.ConfigError, match="SWEEP must be a literal"):
+        configs.load_config(str(path))
     with pytest.raises(FileNotFoundError, match="'nope'.*pacs_w4a4"):
-        sweep.load_config("nope")
+        configs.load_config("nope")
 
 
 @pytest.mark.parametrize("name, dataset, bits, steps", [
@@ -198,7 +200,7 @@ def test_config_must_be_a_literal(tmp_path):
     ("domainnet_w3a3", "DomainNet", 3, (15000, 50000))])
 def test_configs_agree_with_the_hparams_registry(name, dataset, bits, steps):
     """The configs' grids are the paper's as transcribed in hparams.py (sec. 4.1)."""
-    fp, qat, gaqat = sweep.load_config(name)["stages"]
+    fp, qat, gaqat = configs.load_config(name)["stages"]
     assert sorted(fp["grid"]["lr"]) == sorted(qat["grid"]["lr"]) == sorted(LR_GRID)
     assert {k: sorted(v) for k, v in gaqat["grid"].items()} == {
         k: sorted(v) for k, v in GAQAT_GRIDS[dataset, bits].items()}

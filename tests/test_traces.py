@@ -7,11 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_hparams
+from conftest import gaqat, tiny_hparams
 from inspect_fixtures import assert_png, lsq_w3
 
-from domainbed_gaqat import runtools, traces
-from domainbed_gaqat.networks import quantizers
+from domainbed_gaqat import traces
+from domainbed_gaqat.plugin import checkpoints
+from domainbed_gaqat.plugin.data import Data
+from domainbed_gaqat.quant.modules import quantizers
 
 STEPS, EVERY, K = 4, 2, 2
 
@@ -56,9 +58,9 @@ def gaqat_trace(tmp_path_factory):
     """A recorded GAQAT run (K=2, r=0.3) with per-step references taken before each update."""
     torch.manual_seed(0)
     hparams = tiny_hparams("GAQAT", batch_size=2, gaqat_K=K, gaqat_r=0.3)
-    data = runtools.Data("RotatedDigits", None, [0], hparams)
+    data = Data("RotatedDigits", None, [0], hparams)
     stream = data.minibatches()
-    cls = runtools.algorithm_class("GAQAT")
+    cls = checkpoints.algorithm_class("GAQAT")
     alg = cls(data.dataset.input_shape, data.dataset.num_classes, len(data.train_envs), hparams)
     ref = cls(data.dataset.input_shape, data.dataset.num_classes, len(data.train_envs), hparams)
     alg.update(next(stream))  # calibrates the quantizers on a first batch
@@ -120,7 +122,7 @@ def test_disorder_equals_definition(gaqat_trace) -> None:
 
 
 def test_recorder_block_sums_and_windows_on_a_synthetic_stream() -> None:
-    alg = runtools.algorithm_class("GAQAT")((3, 32, 32), 10, 5, tiny_hparams("GAQAT"))
+    alg = checkpoints.algorithm_class("GAQAT")((3, 32, 32), 10, 5, tiny_hparams("GAQAT"))
     n, steps, every, K = len(alg.scales), 11, 3, 4
     recorder = traces.TraceRecorder(alg, every, K)
     gen = torch.Generator().manual_seed(1)
@@ -180,19 +182,18 @@ def test_cli_lsq_run(tmp_path_factory) -> None:
     assert not os.path.exists(os.path.join(out, "freezing.png"))
     for name in ("gradients.png", "disorder.png"):
         assert_png(os.path.join(out, name))
-    algorithm, ckpt = runtools.load_algorithm(os.path.join(out, "model.pkl"))
+    algorithm, ckpt = checkpoints.load_algorithm(os.path.join(out, "model.pkl"))
     assert ckpt["args"]["algorithm"] == "LSQ" and ckpt["model_hparams"]["w_bits"] == 3
     # the recorded scale values are those of the saved model
     last = grads[grads["step"] == grads["step"].max()]
     saved = {n: q.scale.item() for n, q in quantizers(algorithm)}
     np.testing.assert_allclose(last["scale"], [saved[n] for n in last["quantizer"]], rtol=1e-7)
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        traces.main(["--algorithm", "LSQ", "--steps", "1", "--output_dir", out])
+    assert gaqat("traces", "--algorithm", "LSQ", "--steps", "1", "--output_dir", out) == 2
 
 
 def test_unquantized_algorithm_is_a_clear_error() -> None:
-    alg = runtools.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
+    alg = checkpoints.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
     with pytest.raises(ValueError, match="no quantizer scales"):
         traces.TraceRecorder(alg, 2, 2)
     with pytest.raises(ValueError, match="algorithm 'NOPE'"):
-        runtools.algorithm_class("NOPE")
+        checkpoints.algorithm_class("NOPE")

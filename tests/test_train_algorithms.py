@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 from tests.conftest import PYTHON, run
 from tests.test_freezing import (
     Recorder,
@@ -20,20 +21,13 @@ from tests.test_freezing import (
     make_algorithm,
 )
 
-GAQAT_FAMILY = {"GAQAT": "gaqat", "GAQAT_ReverseRatio": "reverse",
-                "GAQAT_NoUnfreeze": "no_unfreeze"}
+GAQAT_FAMILY = {name: s.cls.FREEZE_RULE for name, s in ALGORITHMS.items()
+                if "gaqat" in s.families}
 K = 2
-# name -> (algorithm, steps, checkpoint_freq); "GAQAT_again" repeats "GAQAT" for determinism
-RUNS = {
-    "GAQAT": ("GAQAT", 5, 4),
-    "GAQAT_again": ("GAQAT", 5, 4),
-    "SAGM_LSQ": ("SAGM_LSQ", 3, 10),
-    "SAGM": ("SAGM", 3, 10),
-    "LSQ": ("LSQ", 2, 10),
-    "ERM_FP": ("ERM_FP", 2, 10),
-    "GAQAT_ReverseRatio": ("GAQAT_ReverseRatio", 3, 10),
-    "GAQAT_NoUnfreeze": ("GAQAT_NoUnfreeze", 3, 10),
-}
+# every registered algorithm: name -> (algorithm, steps, checkpoint_freq); GAQAT runs past two
+# windows, "GAQAT_again" repeats it for determinism
+RUNS = {name: (name, 3 if "sagm" in s.families else 2, 10) for name, s in ALGORITHMS.items()}
+RUNS["GAQAT"] = RUNS["GAQAT_again"] = ("GAQAT", 5, 4)
 
 
 def overrides(algorithm: str) -> dict:
@@ -172,7 +166,7 @@ def test_reloaded_gaqat_continues_the_schedule(runs: dict[str, Path],
     algorithm = fresh_from(ckpt, "GAQAT")
     r = ckpt["model_hparams"]["gaqat_r"]
     frozen, disorder = algorithm.freezer.frozen.clone(), algorithm.freezer.tracker.disorder.clone()
-    recorder = Recorder(algorithm, monkeypatch)
+    recorder = Recorder(algorithm)
     data = batches(2, seed=5)
     algorithm.update(data[0])  # t = 5: not a multiple of K
     assert torch.equal(algorithm.freezer.frozen, frozen)
@@ -196,7 +190,7 @@ def test_reload_mid_window_continues_like_the_original(tmp_path: Path,
     data = batches(6, seed=7)
     original = make_algorithm("GAQAT", gaqat_K=k, gaqat_r=r, batch_size=4)
     calibrate(original, data)
-    before = Recorder(original, monkeypatch)
+    before = Recorder(original)
     for t in range(4):
         original.update(data[t])
     # a state whose next decision surely changes some flags: all frozen
@@ -210,7 +204,7 @@ def test_reload_mid_window_continues_like_the_original(tmp_path: Path,
 
     flags, g_task = {}, {}
     for name, algorithm in (("original", original), ("reloaded", reloaded)):
-        recorder = Recorder(algorithm, monkeypatch)
+        recorder = Recorder(algorithm)
         torch.manual_seed(0)
         flags[name] = []
         for t in (4, 5):

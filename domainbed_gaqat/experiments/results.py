@@ -1,8 +1,14 @@
-"""Robust reading of DomainBed run folders (``results.jsonl``, ``done``).
+"""Robust reading of DomainBed run folders (``results.jsonl``, ``done``), and finding a planned
+job's run by what the run recorded.
 
 DomainBed's ``reporting.load_records`` stops at the first unreadable line (a job killed while
 writing leaves a truncated last line). Here every line that is not a complete checkpoint record
 is skipped and reported, and each run keeps its folder, so incomplete runs can be listed.
+
+A DomainBed run folder is named by a hash of its train arguments, absolute paths included, so
+a results tree that was moved, copied or merged from several machines no longer matches the
+hashes a sweep computes. :func:`identity` is what a run *is* (its records' arguments and hparams
+without paths and the seeds derived from them); :class:`Locator` finds a job's run by it.
 """
 
 import json
@@ -10,8 +16,22 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from domainbed_gaqat.plugin.reporting import read_results
+
 RUN_FILES = ("results.jsonl", "done", "out.txt", "err.txt")
 JOB_HASH = re.compile(r"[0-9a-f]{32}")  # DomainBed's Job folder name: md5 of the train args
+# train arguments that say what a run is (not where it is, nor seeds hashed from paths)
+IDENTITY_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "steps", "checkpoint_freq",
+                 "holdout_fraction", "task", "eval_from")
+PATH_HPARAMS = ("init_path",)
+
+
+def identity(args: dict, hparams: dict) -> str:
+    """A run's identity from its train arguments and hparams (see the module docstring)."""
+    key = {k: args.get(k) for k in IDENTITY_ARGS}
+    key["test_envs"] = sorted(key["test_envs"] or [])
+    key["hparams"] = {k: v for k, v in hparams.items() if k not in PATH_HPARAMS}
+    return json.dumps(key, sort_keys=True)
 
 
 @dataclass
@@ -30,6 +50,10 @@ class Run:
     @property
     def hparams(self) -> dict:
         return self.records[0]["hparams"] if self.records else {}
+
+    @property
+    def identity(self) -> str | None:
+        return identity(self.args, self.hparams) if self.records else None
 
     def status(self) -> str:
         """One line for the list of incomplete runs."""
@@ -57,19 +81,8 @@ def read_run(path: str) -> Run:
     records, problems = [], []
     results = os.path.join(path, "results.jsonl")
     if os.path.isfile(results):
-        with open(results, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        lines = text.split("\n")
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                truncated = number == len(lines)  # the file does not end with a newline
-                what = "truncated last line (a killed job?)" if truncated else "invalid JSON"
-                problems.append(f"{results}:{number}: {what}, skipped ({err.msg})")
-                continue
+        found, problems = read_results(results)
+        for number, record in found:
             why = _record_problem(record)
             if why:
                 problems.append(f"{results}:{number}: {why}, skipped")
@@ -95,3 +108,40 @@ def find_runs(dirs: list[str]) -> list[Run]:
                 paths.add(here)
                 subdirs.clear()
     return [read_run(p) for p in sorted(paths)]
+
+
+class Locator:
+    """Where a planned DomainBed ``Job``'s run is and how far it got.
+
+    Without ``runs``: in the job's own folder, by DomainBed's rules (``Job.state``). With
+    ``runs`` (those found on disk, e.g. by :func:`find_runs`): the run with the job's identity,
+    wherever it is; of several, a finished one, then the first by path (``duplicates`` lists
+    the others).
+    """
+
+    def __init__(self, runs: list[Run] | None = None) -> None:
+        self.by_identity: dict[str, Run] | None = None
+        self.duplicates: list[str] = []
+        if runs is not None:
+            self.by_identity = {}
+            for run in sorted(runs, key=lambda r: (not r.done, r.path)):
+                if run.identity is None:
+                    continue
+                first = self.by_identity.setdefault(run.identity, run)
+                if first is not run:
+                    self.duplicates.append(f"{run.path} repeats {first.path} (the same job): "
+                                           "not used")
+
+    def run(self, job) -> Run | None:
+        """The job's run, or None where it has none (not launched, or no record yet)."""
+        if self.by_identity is None:
+            return read_run(job.output_dir) if os.path.isdir(job.output_dir) else None
+        args = job.train_args
+        return self.by_identity.get(identity(args, json.loads(args["hparams"])))
+
+    def state(self, job) -> str:
+        """DomainBed's ``Job.DONE`` / ``INCOMPLETE`` / ``NOT_LAUNCHED``."""
+        if self.by_identity is None:
+            return job.state
+        run = self.run(job)
+        return job.NOT_LAUNCHED if run is None else job.DONE if run.done else job.INCOMPLETE

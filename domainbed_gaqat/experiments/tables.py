@@ -1,7 +1,7 @@
-"""``gaqat-tables``: the paper's tables from sweep outputs.
+"""``gaqat tables`` (also ``gaqat-tables``): the paper's tables from sweep outputs.
 
-    gaqat-tables CONFIG [CONFIG ...] --output_dir OUT --data_dir DATA   # the runs of sweeps/
-    gaqat-tables --input_dir DIR [DIR ...] [--eval_from STEP]           # any run folders
+    gaqat tables CONFIG [CONFIG ...] --output_dir OUT --data_dir DATA   # the runs of sweeps/
+    gaqat tables --input_dir DIR [DIR ...] [--eval_from STEP]           # any run folders
         [--selection test|test_last|train] [--split_by HPARAM ...] [--format markdown|latex|csv]
 
 Rows: algorithm and W/A bit-width ("Full" for full precision), optionally split by hparams
@@ -16,16 +16,17 @@ Only finished runs count; unfinished ones, unreadable lines and jobs not launche
 on stderr.
 """
 
-import argparse
 import sys
 from collections import defaultdict
 
 import numpy as np
 import pandas as pd
 
-from domainbed_gaqat.hparams import FAMILIES
-from domainbed_gaqat.results import Run, find_runs, read_run
-from domainbed_gaqat.selection import RULES, choose
+from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.experiments.results import Locator, Run, find_runs
+from domainbed_gaqat.experiments.selection import RULES, choose
+from domainbed_gaqat.experiments.sweep import plan
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
 FORMATS = ("markdown", "latex", "csv")
 
@@ -71,7 +72,7 @@ def _env_names(dataset: str) -> list[str] | None:
 
 def _row_order(row: tuple) -> tuple:
     algorithm, bits, *split = row
-    order = list(FAMILIES)
+    order = list(ALGORITHMS)
     rank = (0, 0, 0) if bits == "Full" else (1, *(-int(b) for b in bits.split("/")))
     return (rank, order.index(algorithm) if algorithm in order else len(order), algorithm,
             *((str(type(v)), v) for v in split))
@@ -148,38 +149,43 @@ def render(table: pd.DataFrame, split_by: list[str], fmt: str, rule: str) -> str
     return "\n".join(out)
 
 
-def config_entries(names: list[str], output_dir: str, data_dir: str,
+def config_entries(names: list[str], output_dir: str, data_dir: str | None,
                    notes: list[str]) -> tuple[list[tuple[Run, int]], list[str], list[str]]:
-    """Runs of the configs' planned jobs (with their stage's ``eval_from``), the configs'
-    ``split_by`` and selection rules; jobs that cannot be read yet go to ``notes``."""
-    from domainbed_gaqat.sweep import load_config, plan
-
+    """The runs under ``output_dir`` that the configs' planned jobs are (found by what they
+    recorded, wherever the tree was moved: :class:`~.results.Locator`), each with its stage's
+    ``eval_from``; the configs' ``split_by`` and selection rules. Jobs not found, and stages
+    that cannot be planned yet, go to ``notes``."""
+    found = find_runs([output_dir])
+    locator = Locator(found)
+    notes += locator.duplicates
     entries, split_by, rules, seen = [], [], [], set()
     for name in names:
         config = load_config(name)
         rules.append(config["selection"])
         split_by += [k for k in config["table"].get("split_by", []) if k not in split_by]
         shown = config["table"].get("algorithms")
-        for stage in plan(config, output_dir, data_dir):
+        for stage in plan(config, output_dir, data_dir or output_dir, locator):
             if stage.blocked:
                 notes.append(f"{config['name']}: {stage.blocked}")
             jobs = [j for j in stage.jobs if shown is None or j.train_args["algorithm"] in shown]
-            missing = [j for j in jobs if j.state == j.NOT_LAUNCHED]
+            runs = [locator.run(j) for j in jobs]
+            missing = sum(run is None for run in runs)
             if missing:
-                notes.append(f"{config['name']}: stage {stage.name!r}: {len(missing)} of "
-                             f"{len(jobs)} jobs not launched")
-            for job in jobs:
-                if job.output_dir not in seen and job.state != job.NOT_LAUNCHED:
-                    seen.add(job.output_dir)
-                    entries.append((read_run(job.output_dir), stage.spec["eval_from"]))
+                notes.append(f"{config['name']}: stage {stage.name!r}: {missing} of {len(jobs)} "
+                             f"jobs have no run under {output_dir} (not launched, or not copied "
+                             f"there)")
+            for run in runs:
+                if run is not None and run.path not in seen:
+                    seen.add(run.path)
+                    entries.append((run, stage.spec["eval_from"]))
     return entries, split_by, rules
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gaqat-tables", description=__doc__.split("\n\n")[0])
+def add_arguments(parser) -> None:
+    parser.add_argument("--output_dir", help="with configs: the folder holding the sweep's "
+                        "runs (moved or merged trees too: runs are found by what they recorded)")
+    parser.add_argument("--data_dir", help="not needed: accepted for the commands of gaqat sweep")
     parser.add_argument("configs", nargs="*", help="sweeps/ config names or files")
-    parser.add_argument("--output_dir", help="with configs: the sweep's --output_dir")
-    parser.add_argument("--data_dir", help="with configs: the sweep's --data_dir")
     parser.add_argument("--input_dir", nargs="+", help="instead of configs: run folders")
     parser.add_argument("--eval_from", type=int, default=0,
                         help="with --input_dir: ignore checkpoints before this step")
@@ -187,26 +193,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the configs' rule, else 'test'")
     parser.add_argument("--split_by", nargs="+", help="hparams that split rows (Tables 5, 6)")
     parser.add_argument("--format", choices=FORMATS, default="markdown")
-    args = parser.parse_args(argv)
-    if bool(args.configs) == bool(args.input_dir):
-        parser.error("give either configs (with --output_dir and --data_dir) or --input_dir")
+
+
+def run(args) -> int:
+    return print_tables(args.configs, args.input_dir, args.output_dir, args.data_dir,
+                        args.eval_from, args.selection, args.split_by, args.format)
+
+
+def print_tables(configs: list[str], input_dirs: list[str] | None = None,
+                 output_dir: str | None = None, data_dir: str | None = None, eval_from: int = 0,
+                 selection: str | None = None, split_by: list[str] | None = None,
+                 fmt: str = "markdown") -> int:
+    """Print the tables of ``configs`` (their runs under ``output_dir``) or of the runs under
+    ``input_dirs``; notes go to stderr. Returns 1 when no run is finished, else 0."""
+    if bool(configs) == bool(input_dirs):
+        raise ValueError("give either configs (with --output_dir) or --input_dir")
     notes: list[str] = []
-    try:
-        if args.configs:
-            if not (args.output_dir and args.data_dir):
-                parser.error("configs need --output_dir and --data_dir (as given to gaqat-sweep)")
-            entries, split_by, rules = config_entries(args.configs, args.output_dir,
-                                                      args.data_dir, notes)
-        else:
-            entries = [(run, args.eval_from) for run in find_runs(args.input_dir)]
-            split_by, rules = [], ["test"]
-    except (ValueError, FileNotFoundError) as err:
-        print(f"gaqat-tables: error: {err}", file=sys.stderr)
-        return 2
-    rule = args.selection or rules[0]
-    if len(set(rules)) > 1 and not args.selection:
-        parser.error(f"the configs use different selection rules {rules}: pass --selection")
-    split_by = args.split_by or split_by
+    if configs:
+        if not output_dir:
+            raise ValueError("configs need --output_dir (the folder holding the sweep's runs)")
+        entries, config_split, rules = config_entries(configs, output_dir, data_dir, notes)
+    else:
+        entries = [(run, eval_from) for run in find_runs(input_dirs)]
+        config_split, rules = [], ["test"]
+    if len(set(rules)) > 1 and not selection:
+        raise ValueError(f"the configs use different selection rules {rules}: pass --selection")
+    rule = selection or rules[0]
+    split_by = split_by or config_split
     runs = [run for run, _ in entries]
     notes += [p for run in runs for p in run.problems]
     notes += [f"incomplete run, not used: {run.status()}" for run in runs if not run.done]
@@ -214,11 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes + skipped:
         print(f"note: {note}", file=sys.stderr)
     if table.empty:
-        print("gaqat-tables: no finished run to tabulate", file=sys.stderr)
+        print("gaqat tables: no finished run to tabulate", file=sys.stderr)
         return 1
-    print(render(table, split_by, args.format, rule))
+    print(render(table, split_by, fmt, rule))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""One SAGM step (Wang et al., CVPR 2023; paper sec. 2.2 and Eq. 1; SPEC section 3).
+"""One SAGM step (Wang et al., CVPR 2023; paper sec. 2.2 and Eq. 1).
 
 1. clean pass: ``g = grad L(w)``                                  (its loss is reported)
 2. perturb the latent weights: ``w' = w + g * (rho / (||g|| + 1e-12) - alpha)``

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from domainbed_gaqat.results import Run
+from domainbed_gaqat.experiments.results import Run
 
 RULES = {
     "test": "test-domain validation (best checkpoint of each run by test-domain out-split "

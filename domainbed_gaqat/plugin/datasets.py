@@ -1,4 +1,4 @@
-"""RotatedDigits: an offline DomainBed dataset (SPEC section 8).
+"""RotatedDigits: an offline DomainBed dataset.
 
 The 1,797 8x8 handwritten digits that ship inside scikit-learn, split into six domains
 rotated by 0/15/30/45/60/75 degrees as DomainBed's RotatedMNIST, upsampled to 32x32, three

@@ -1,0 +1,5 @@
+"""``python -m domainbed_gaqat COMMAND``: the ``gaqat`` command line."""
+
+from domainbed_gaqat.cli import gaqat
+
+gaqat()

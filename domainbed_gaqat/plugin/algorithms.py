@@ -1,0 +1,195 @@
+"""The plugin's DomainBed algorithms. They share one featurizer and differ only in their step.
+
+Each is declared with ``@algorithm`` (:mod:`domainbed_gaqat.plugin.registry`); the first line
+of its docstring is its summary. :data:`ALGORITHMS` is the registry they fill.
+
+>>> ALGORITHMS["GAQAT"].quantized, ALGORITHMS["GAQAT"].families
+(True, ('quant', 'sagm', 'gaqat'))
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from domainbed.algorithms import Algorithm
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from domainbed_gaqat.optim.freezing import ScaleFreezer
+from domainbed_gaqat.optim.sagm import sagm_step
+from domainbed_gaqat.plugin.checkpoints import initialize
+from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
+from domainbed_gaqat.plugin.hparams import validate
+from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm, specs
+from domainbed_gaqat.quant.modules import quantizers
+
+
+@dataclass(frozen=True)
+class ScaleGradients:
+    """The quantizer scales' gradients of one step, in the order of ``algorithm.scales``:
+    ``applied`` is what the optimizer uses; with SAGM, ``task`` (clean pass) and ``smooth``
+    (perturbed pass), and for GAQAT the freeze flags in effect (``frozen``); without SAGM
+    ``task`` is ``applied`` and the others are None."""
+
+    task: torch.Tensor
+    smooth: torch.Tensor | None
+    applied: torch.Tensor
+    frozen: torch.Tensor | None
+
+
+class FeaturizerAlgorithm(Algorithm):
+    """Builds the shared featurizer, a linear classifier and Adam with two param groups:
+    the latent weights at ``lr`` / ``weight_decay`` and the quantizer scales at ``scale_lr``
+    (1e-5, no weight decay; paper sec. 4.1). Subclasses implement :meth:`step`."""
+
+    SPEC: AlgorithmSpec  # set by @algorithm
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        validate(self.SPEC, hparams)
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        policy = QuantPolicy.from_hparams(hparams) if self.SPEC.quantized else None
+        self.featurizer = Featurizer(input_shape, hparams, policy)
+        self.classifier = nn.Linear(self.featurizer.n_outputs, num_classes)
+        initialize(self.featurizer, self.classifier, hparams)
+        self.scales = [q.scale for _, q in quantizers(self)]
+        scale_ids = {id(s) for s in self.scales}
+        self.weights = [p for p in self.parameters() if p.requires_grad and id(p) not in scale_ids]
+        groups = [{"params": self.weights, "lr": hparams["lr"],
+                   "weight_decay": hparams["weight_decay"]}]
+        if self.scales:
+            groups.append({"params": self.scales, "lr": hparams["scale_lr"], "weight_decay": 0.0})
+        self.optimizer = torch.optim.Adam(groups)
+        self._scale_hooks: OrderedDict[int, Callable[[ScaleGradients], None]] = OrderedDict()
+
+    def register_scale_gradient_hook(self, hook: Callable[[ScaleGradients], None]
+                                     ) -> RemovableHandle:
+        """Call ``hook(ScaleGradients)`` in every step, before the optimizer steps."""
+        handle = RemovableHandle(self._scale_hooks)
+        self._scale_hooks[handle.id] = hook
+        return handle
+
+    def _scale_gradients(self, grads: ScaleGradients) -> None:
+        for hook in self._scale_hooks.values():
+            hook(grads)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.featurizer(x))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.predict(x), y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns 0-d tensors and never synchronises with the host."""
+        raise NotImplementedError
+
+    def update(self, minibatches, unlabeled=None) -> dict[str, float]:
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        stats = self.step(x, y)
+        values = torch.stack(list(stats.values())).tolist()  # the step's only host sync
+        return dict(zip(stats, values))
+
+
+def _stacked_grads(params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+
+
+@algorithm(benchmark=True)
+class ERM_FP(FeaturizerAlgorithm):
+    """Adam on the task loss, full precision (paper's "ERM Full" row; stage 1 of QAT)."""
+
+    def step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x, y)
+        loss.backward()
+        if self.scales and self._scale_hooks:
+            applied = _stacked_grads(self.scales)
+            self._scale_gradients(ScaleGradients(applied, None, applied, None))
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+
+@algorithm(families=("sagm",))
+class SAGM(FeaturizerAlgorithm):
+    """SAGM (Wang et al. 2023; paper sec. 2.2), full precision."""
+
+    def scale_grads(self, g_task: torch.Tensor, g_smooth: torch.Tensor) -> torch.Tensor:
+        """Gradient applied to the scales: both halves, like the weights."""
+        return 0.5 * (g_task + g_smooth)
+
+    def frozen(self) -> torch.Tensor | None:
+        """The scales' freeze flags in effect for this step (None: no freezing)."""
+        return None
+
+    def diagnostics(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def step(self, x, y):
+        loss, g_task, g_smooth = sagm_step(lambda: self.loss(x, y), self, self.weights,
+                                           self.scales, self.hparams["rho"],
+                                           self.hparams["alpha"])
+        if self.scales:
+            frozen = self.frozen()
+            frozen = None if frozen is None or not self._scale_hooks else frozen.clone()
+            applied = self.scale_grads(g_task, g_smooth)
+            for scale, grad in zip(self.scales, applied.unbind()):
+                scale.grad = grad
+            if self._scale_hooks:
+                self._scale_gradients(ScaleGradients(g_task, g_smooth, applied, frozen))
+        self.optimizer.step()
+        return {"loss": loss, **self.diagnostics()}
+
+
+@algorithm(families=("quant",), baseline="ERM_FP", benchmark=True)
+class LSQ(ERM_FP):
+    """Adam on the LSQ-quantized featurizer, scales at their own lr (paper sec. 2.1)."""
+
+
+@algorithm(families=("quant", "sagm"), baseline="LSQ", benchmark=True)
+class SAGM_LSQ(SAGM):
+    """SAGM on the quantized featurizer; scales take ``g_task`` and ``g_smooth`` (Eq. 1)."""
+
+
+@algorithm(families=("quant", "sagm", "gaqat"), baseline="SAGM_LSQ", benchmark=True)
+class GAQAT(SAGM_LSQ):
+    """SAGM_LSQ + selective freezing of scales (paper sec. 3.3, Algorithm 1).
+
+    A scale whose task-gradient disorder over the last K steps is below r is updated by
+    ``g_smooth`` only for the next K steps.
+    """
+
+    FREEZE_RULE = "gaqat"
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.freezer = ScaleFreezer(len(self.scales), hparams["gaqat_K"], hparams["gaqat_r"],
+                                    self.FREEZE_RULE)
+
+    def scale_grads(self, g_task, g_smooth):
+        return self.freezer.combine(g_task, g_smooth)
+
+    def frozen(self):
+        return self.freezer.frozen
+
+    def diagnostics(self):
+        return {"frozen_frac": self.freezer.frozen.float().mean(),
+                "disorder_mean": self.freezer.tracker.disorder.mean()}
+
+
+@algorithm(families=("quant", "sagm", "gaqat"), baseline="GAQAT")
+class GAQAT_ReverseRatio(GAQAT):
+    """GAQAT freezing the scales with disorder >= r (Table 4, "Reverse Ratio")."""
+
+    FREEZE_RULE = "reverse"
+
+
+@algorithm(families=("quant", "sagm", "gaqat"), baseline="GAQAT")
+class GAQAT_NoUnfreeze(GAQAT):
+    """GAQAT never unfreezing a scale once frozen (Table 4, "w/o Unfreeze")."""
+
+    FREEZE_RULE = "no_unfreeze"
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = specs()

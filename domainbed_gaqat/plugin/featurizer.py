@@ -1,0 +1,87 @@
+"""The one featurizer every algorithm shares: a (quantized) torchvision ResNet, and its
+quantization policy.
+
+Policy (paper sec. 4.1): every conv quantizes its input activations and its weights, except
+the stem conv, which quantizes its input only (weights stay full precision); the linear
+classifier is not quantized. The stem's input is the normalised image, which is signed, so its
+activation quantizer uses the signed grid (an unsigned one would zero every negative pixel);
+every other conv input follows a ReLU and uses the unsigned grid.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+from domainbed_gaqat.quant.config import QuantConfig
+from domainbed_gaqat.quant.modules import QuantConv2d
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Which conv tensor gets which :class:`QuantConfig` (None: full precision)."""
+
+    weight: QuantConfig | None  # every conv's weights but the stem's
+    activation: QuantConfig | None  # every conv's input but the stem's (after a ReLU)
+    stem_input: QuantConfig | None  # the stem's (signed) image input
+    stem_weight: QuantConfig | None = None
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> "QuantPolicy":
+        """The paper's policy at ``w_bits`` / ``a_bits``."""
+        grad_scale = hparams["lsq_grad_scale"]
+        activation = QuantConfig(hparams["a_bits"], signed=False, grad_scale=grad_scale)
+        return cls(weight=QuantConfig(hparams["w_bits"], signed=True, grad_scale=grad_scale),
+                   activation=activation,
+                   stem_input=QuantConfig(hparams["a_bits"], signed=True, grad_scale=grad_scale))
+
+    def apply(self, resnet: nn.Module) -> None:
+        """Replace every conv of a torchvision ResNet by a :class:`QuantConv2d`, in place."""
+        for parent in list(resnet.modules()):
+            for name, child in parent.named_children():
+                if type(child) is nn.Conv2d:
+                    if parent is resnet and name == "conv1":
+                        conv = QuantConv2d(child, self.stem_weight, self.stem_input)
+                    else:
+                        conv = QuantConv2d(child, self.weight, self.activation)
+                    setattr(parent, name, conv)
+
+
+def scale_label(quantizer_name: str) -> str:
+    """Readable label of a quantizer: ``featurizer.network.layer3.0.conv1.w_quant`` ->
+    ``layer3.0.conv1 w``."""
+    layer, kind = quantizer_name.rsplit(".", 1)
+    return f"{layer.removeprefix('featurizer.').removeprefix('network.')} {kind[0]}"
+
+
+class Featurizer(nn.Module):
+    """ResNet-50 (ResNet-18 with the ``resnet18`` hparam) without ``fc``, frozen BatchNorm,
+    dropout on the pooled features; quantized by ``policy`` when one is given."""
+
+    def __init__(self, input_shape: tuple[int, ...], hparams: dict,
+                 policy: QuantPolicy | None) -> None:
+        super().__init__()
+        arch = torchvision.models.resnet18 if hparams["resnet18"] else torchvision.models.resnet50
+        self.network = arch(weights=None)
+        if input_shape[0] != 3:
+            old = self.network.conv1
+            self.network.conv1 = nn.Conv2d(input_shape[0], old.out_channels, old.kernel_size,
+                                           old.stride, old.padding, bias=False)
+        self.n_outputs = self.network.fc.in_features
+        self.network.fc = nn.Identity()
+        if policy is not None:
+            policy.apply(self.network)
+        self.dropout = nn.Dropout(hparams["resnet_dropout"])
+        self.train()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.network(x))
+
+    def train(self, mode: bool = True) -> "Featurizer":
+        """Switch modes but keep every BatchNorm in eval mode (frozen statistics)."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self

@@ -1,0 +1,59 @@
+"""How each of the plugin's algorithms is declared, once, with what it needs.
+
+``@algorithm(...)`` on a class records an :class:`AlgorithmSpec` (and sets the class's
+``SPEC``); :data:`domainbed_gaqat.plugin.algorithms.ALGORITHMS` holds them all, and DomainBed's
+``ALGORITHMS``, the hyperparameter families, the benchmark, the tools and the tests read it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+FAMILIES = ("quant", "sagm", "gaqat")
+_SPECS: dict[str, "AlgorithmSpec"] = {}
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """``families``: the hyperparameter families it reads (``quant``: bits and scales, ``sagm``:
+    rho and alpha, ``gaqat``: r and K); ``baseline``: the algorithm whose step it extends (the
+    benchmark's ratios); ``benchmark``: timed by ``gaqat bench``."""
+
+    name: str
+    cls: type
+    families: tuple[str, ...]
+    baseline: str | None
+    benchmark: bool
+
+    @property
+    def quantized(self) -> bool:
+        return "quant" in self.families
+
+    @property
+    def summary(self) -> str:
+        """The first line of the class docstring."""
+        return (self.cls.__doc__ or "").strip().splitlines()[0]
+
+
+def algorithm(families: tuple[str, ...] = (), baseline: str | None = None,
+              benchmark: bool = False) -> Callable[[type], type]:
+    """Class decorator: register a plugin algorithm under its class name (and set its ``SPEC``,
+which subclasses inherit)."""
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"hparam families {sorted(unknown)}: expected some of {FAMILIES}")
+
+    def register(cls: type) -> type:
+        if cls.__name__ in _SPECS:
+            raise ValueError(f"algorithm {cls.__name__!r} is registered twice")
+        if baseline is not None and baseline not in _SPECS:
+            raise ValueError(f"{cls.__name__}: baseline {baseline!r} is not registered before it")
+        cls.SPEC = _SPECS[cls.__name__] = AlgorithmSpec(cls.__name__, cls, tuple(families),
+                                                        baseline, benchmark)
+        return cls
+
+    return register
+
+
+def specs() -> dict[str, AlgorithmSpec]:
+    """The algorithms declared so far, in declaration order (the tables' row order)."""
+    return dict(_SPECS)
