@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv[:1] or ["--help"])
-    parser, module = command_parser(argv[0], prog)
+    try:
+        parser, module = command_parser(argv[0], prog)
+    except ImportError as err:  # an optional extra that is not installed
+        print(f"{prog or 'gaqat ' + argv[0]}: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv[1:])
     try:
         return module.run(args)

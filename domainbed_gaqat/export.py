@@ -30,11 +30,16 @@ onnxruntime on CPU against PyTorch (argmax agreement, max abs logit error) on ra
 import json
 import os
 
-import ml_dtypes
 import numpy as np
-import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+
+try:
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError as err:  # the optional 'export' extra
+    raise ImportError(f"gaqat export needs onnx, onnxruntime and ml_dtypes: pip install "
+                      f"'domainbed-gaqat[export]' ({err})") from err
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 

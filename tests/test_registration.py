@@ -189,6 +189,32 @@ def test_startup_is_cheap_and_imports_no_torch(installed, tmp_path):
     print(f"start-up hook import time: {cumulative_us} us, modules {sorted(subtree)}")
 
 
+def test_installed_package_finds_the_sweep_configs(installed, tmp_path):
+    """From any directory, with the copy the package was installed from gone: the configs are
+    package data (``pip install .`` builds and installs a wheel)."""
+    python, project, mode = installed
+    if mode == "editable":
+        pytest.skip("an editable install reads the checkout's sweeps/ by design")
+    hidden = project.with_name("moved_away")
+    project.rename(hidden)  # nothing of the checkout left to find
+    try:
+        gaqat = str(python.parent / "gaqat")
+        where = _python(python, ["-c", "import domainbed_gaqat.sweeps as s; print(s.__file__)"],
+                        cwd=tmp_path).stdout.strip()
+        assert Path(where).is_relative_to(python.parents[1].resolve())
+        common = ["demo", "--output_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path)]
+        listed = run([gaqat, "sweep", "list", *common], cwd=tmp_path, **_env(python))
+        assert "== stage fp: ERM_FP, 150 steps" in listed.stdout
+        assert "1 jobs: 0 done, 0 incomplete, 1 not launched." in listed.stdout
+        launched = run([gaqat, "sweep", "launch", *common, "--stage", "fp",
+                        "--command_launcher", "dummy", "--skip_confirmation"], cwd=tmp_path,
+                       **_env(python))
+        assert launched.stdout.count("Dummy launcher: ") == 1
+        assert len(list((tmp_path / "out" / "RotatedDigits" / "fp").iterdir())) == 1
+    finally:
+        hidden.rename(project)
+
+
 def test_opt_out_and_explicit_register(installed, tmp_path):
     python, _, mode = installed
     if mode == "editable":
@@ -227,7 +253,8 @@ def test_interpreter_without_torch_or_domainbed_starts_cleanly(tmp_path):
     [sdist] = (project / "dist").glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         members = {Path(m).name for m in tar.getnames()}
-    assert {"build_hooks.py", "domainbed_gaqat.pth", "_startup.py"} <= members
+    assert {"build_hooks.py", "domainbed_gaqat.pth", "_startup.py", "pacs_w4a4.py",
+            "demo.py"} <= members
     run([*PIP, "wheel", *NO_BUILD, "-w", str(tmp_path / "wheels"), str(sdist)], cwd=tmp_path)
     [wheel] = (tmp_path / "wheels").glob("*.whl")
 

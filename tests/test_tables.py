@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -214,6 +215,24 @@ def test_real_two_stage_sweep(tmp_path, capsys):
         assert frame.loc[(algorithm, "Avg"), "test_mean"] == frame.loc[
             (algorithm, "75"), "test_mean"]
     assert list(frame.bits) == ["Full", "Full", "4/4", "4/4", "4/4", "4/4"]
+
+    # the same table from a copy elsewhere, read with another --data_dir, and from a tree
+    # merged from two "clusters"; a run that was not copied is listed, not silently dropped
+    moved = tmp_path / "laptop" / "results"
+    shutil.copytree(tmp_path / "out", moved)
+    for folder, cluster in ((fp_dir, "a"), (q_dir, "b")):
+        shutil.copytree(folder, tmp_path / "merged" / cluster / folder.name)
+    for root in (moved, tmp_path / "merged"):
+        again = run([PYTHON, "-m", "domainbed_gaqat", "tables", str(config), "--output_dir",
+                     str(root), "--data_dir", str(tmp_path / "elsewhere"), "--format", "csv"])
+        assert again.stdout == proc.stdout
+    shutil.rmtree(next(p for p in (moved / "RotatedDigits" / "w4a4").iterdir()
+                       if json.loads((p / "results.jsonl").read_text().splitlines()[0])
+                       ["args"]["algorithm"] == "GAQAT"))
+    partial = run([PYTHON, "-m", "domainbed_gaqat", "tables", str(config), "--output_dir",
+                   str(moved), "--format", "csv"])
+    assert "stage 'gaqat': 1 of 1 jobs have no run under" in partial.stderr
+    assert "GAQAT" not in partial.stdout and "LSQ" in partial.stdout
 
     # DomainBed's collect_results runs on both folders; its training-domain validation equals
     # ours where one run per cell (no ties between runs to break differently)
