@@ -18,6 +18,7 @@ COMMANDS = {
     "sweep": ("domainbed_gaqat.experiments.sweep",
               "run a sweeps/ config as DomainBed jobs, stage after stage"),
     "tables": ("domainbed_gaqat.experiments.tables", "the paper's tables from run folders"),
+    "train": ("domainbed_gaqat.train", "DomainBed's train.py, resumable (time limits, preemption)"),
     "traces": ("domainbed_gaqat.traces",
                "scale-gradient traces while training (paper Figs 2-5)"),
     "probe": ("domainbed_gaqat.probe", "accuracy under scaled quantizer scales (Table 1)"),

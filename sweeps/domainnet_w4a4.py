@@ -5,12 +5,9 @@ The PACS protocol (pacs_w4a4) on DomainNet, leave-one-group-out over (clipart, i
 15,000 steps, then QAT for 50,000; the registry's DomainNet defaults (batch 24 per domain,
 weight decay 1e-6, alpha 0.0005) and its 4-bit grid (r in {0.20, 0.25}, K in {3000, 4000}).
 
-"QAT evaluates only from step 45,000 on": DomainBed's train.py evaluates at every multiple of
-checkpoint_freq (step 0 included) and at the last step, and cannot skip. checkpoint_freq 45,000
-gives evaluations at steps 0, 45,000 and 49,999 (the fewest possible), and eval_from 45,000
-makes model selection and the tables ignore step 0: the choice is among steps 45,000 and 49,999.
-(A finer window costs evaluations before 45,000: checkpoint_freq 2,500 adds step 47,500 and 18
-ignored evaluations of the whole dataset.) The FP stage uses DomainBed's DomainNet default, 1,000.
+"QAT evaluates only from step 45,000 on": the jobs run through domainbed_gaqat.train, whose
+--eval_from 45000 skips the evaluations before it; with DomainBed's DomainNet checkpoint
+frequency (1,000) the choice is among steps 45,000, 46,000, ..., 49,000 and 49,999.
 """
 
 SWEEP = {
@@ -21,9 +18,9 @@ SWEEP = {
     "test_envs": [[0, 1], [2, 3], [4, 5]],
     "stages": [
         {"name": "fp", "steps": 15000, "checkpoint_freq": 1000, "slurm": {"time_min": 720}},
-        {"name": "qat", "steps": 50000, "checkpoint_freq": 45000, "eval_from": 45000,
+        {"name": "qat", "steps": 50000, "checkpoint_freq": 1000, "eval_from": 45000,
          "slurm": {"time_min": 2880}},
-        {"name": "gaqat", "steps": 50000, "checkpoint_freq": 45000, "eval_from": 45000,
+        {"name": "gaqat", "steps": 50000, "checkpoint_freq": 1000, "eval_from": 45000,
          "slurm": {"time_min": 2880}},
     ],
 }

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from slurm_cluster import slurm  # noqa: F401 (a fixture for the Slurm tests)
 
 PYTHON = sys.executable
 

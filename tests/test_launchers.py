@@ -1,17 +1,27 @@
-"""The submitit command launcher: settings, submitit's local executor, a Slurm job array."""
+"""The submitit command launcher: settings, the request check, submitit's local executor, and a
+real one-node Slurm cluster (``slurm_cluster.py``): the three-stage sweep, DomainBed's own
+sweep, refused requests, failed and cancelled jobs, and a job requeued at its time limit."""
 
+import json
 import os
+import re
 import shlex
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from conftest import PYTHON, gaqat, run
 from domainbed import command_launchers
-from submitit.core.utils import DelayedSubmission
 
 from domainbed_gaqat.plugin import launchers
 
 ENV = [variable for variable, _, _ in launchers.SETTINGS.values()]
+SMALL = {"GAQAT_SUBMITIT_CPUS": "1", "GAQAT_SUBMITIT_GPUS": "0", "GAQAT_SUBMITIT_MEM_GB": "1",
+         "GAQAT_SUBMITIT_TIME_MIN": "20", "GAQAT_SUBMITIT_WAIT": "1",
+         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -43,10 +53,47 @@ def test_settings_defaults_config_then_environment(monkeypatch):
         launchers.settings({"cluster": "pbs"})
 
 
-def test_with_this_python():
-    assert launchers.with_this_python("python -m domainbed.scripts.train --steps 3") == (
-        f"{shlex.quote(sys.executable)} -m domainbed.scripts.train --steps 3")
-    assert launchers.with_this_python("pythonista x") == "pythonista x"
+def test_entry_command():
+    python = shlex.quote(sys.executable)
+    assert launchers.entry_command("python -m domainbed.scripts.train --steps 3") == (
+        f"{python} -m domainbed_gaqat.train --steps 3")
+    assert launchers.entry_command("python3 -m domainbed.scripts.train_extra --x 1") == (
+        f"{python} -m domainbed.scripts.train_extra --x 1")
+    assert launchers.entry_command("pythonista x") == "pythonista x"
+
+
+NODES = [{"name": "a", "partition": "gpu", "default": True, "cpus": 16, "mem_mb": 64000,
+          "gpus": 4, "time_min": 2880.0},
+         {"name": "b", "partition": "gpu", "default": True, "cpus": 32, "mem_mb": 32000,
+          "gpus": 0, "time_min": 2880.0},
+         {"name": "c", "partition": "cpu", "default": False, "cpus": 64, "mem_mb": 256000,
+          "gpus": 0, "time_min": float("inf")}]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"cpus": 40}, "the CPUs asked for: 40 requested per job, the largest node (b) has 32"),
+    ({"mem_gb": 63}, "the memory asked for: 64512 MB requested per job, the largest node (a) "
+                     "has 64000 MB"),
+    ({"gpus": 8}, "the GPUs asked for: 8 requested per job, the largest node (a) has 4"),
+    ({"time_min": 3000}, "time_min 3000 exceeds partition 'gpu''s limit of 2880 minutes"),
+    ({"partition": "big"}, "partition 'big' is not one of the cluster's ['cpu', 'gpu']"),
+    ({"partition": "cpu", "gpus": 1}, "partition 'cpu' has the GPUs asked for: 1 requested"),
+])
+def test_a_request_no_node_satisfies_is_refused(change, message):
+    request = {"partition": None, "cpus": 8, "mem_gb": 32, "gpus": 1, "time_min": 1440}
+    launchers.check_request(request, NODES)  # fits node a of the default partition
+    launchers.check_request({**request, "partition": "cpu", "gpus": 0, "time_min": 10**6},
+                            NODES)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        launchers.check_request({**request, **change}, NODES)
+
+
+def test_slurm_time_limits():
+    assert [launchers._minutes(t) for t in ("infinite", "30", "1:30", "2:00:00",
+                                            "1-00:00:00")] == [float("inf"), 30, 1.5, 120,
+                                                               1440]
+    assert launchers._gpus("gpu:4(S:0-1)") == 4 and launchers._gpus("gpu:a100:2,gpu:v100:1") == 3
+    assert launchers._gpus("(null)") == 0
 
 
 def _writes_interpreter(path) -> str:
@@ -65,58 +112,134 @@ def test_local_executor_runs_real_commands(tmp_path, monkeypatch, capsys):
     for name in ("a", "b"):  # run by this interpreter, not whatever `python` is on PATH
         assert (tmp_path / name).read_text() == sys.executable
     out = capsys.readouterr().out
-    assert f"job {jobs[2].job_id} failed" in out and "2 of 3 jobs succeeded" in out
+    assert f"job {jobs[2].job_id} " in out and "2 of 3 jobs completed" in out
 
 
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """Stand-ins for sbatch (keeps the array script it is given) and srun; Slurm settings."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/array.sh\n'
-                                    'echo "Submitted batch job 4242"\n')
-    (bin_dir / "srun").write_text("#!/bin/sh\n")
-    for tool in ("sbatch", "srun"):
-        os.chmod(bin_dir / tool, 0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("GAQAT_SUBMITIT_CLUSTER", "slurm")
-    monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
-    monkeypatch.setenv("GAQAT_SUBMITIT_PARTITION", "gpu")
-    return tmp_path / "array.sh"
+# --- a real Slurm cluster -------------------------------------------------------------------
 
 
-def test_slurm_job_array(tmp_path, fake_slurm):
-    """A Slurm job array as sbatch receives it."""
-    jobs = launchers.submitit_launcher(["python -m domainbed.scripts.train --steps 1",
-                                        "python3 -m domainbed.scripts.train --steps 2"],
-                                       {"time_min": 90, "cpus": 6})
-    assert [j.job_id for j in jobs] == ["4242_0", "4242_1"]
-    script = fake_slurm.read_text()
-    for line in ("--array=0-1%2", "--time=90", "--partition=gpu", "--gpus-per-node=1",
-                 "--cpus-per-task=6", "--mem=32GB"):
-        assert f"#SBATCH {line}\n" in script
-    assert f"{sys.executable} -u -m submitit.core._submit" in script
-    commands = [DelayedSubmission.load(tmp_path / "logs" / j / f"{j}_submitted.pkl").args[0]
-                for j in ("4242_0", "4242_1")]
-    assert commands == [f"{sys.executable} -m domainbed.scripts.train --steps {n}"
-                        for n in (1, 2)]
-
-
-def test_gaqat_sweep_uses_the_stage_time_limit(tmp_path, fake_slurm, monkeypatch):
-    moco = tmp_path / "moco.pth.tar"
-    moco.write_bytes(b"weights")
-    monkeypatch.setenv("DOMAINBED_GAQAT_MOCO", str(moco))
-    assert gaqat(*["sweep", "launch", "pacs_w4a4", "--output_dir", str(tmp_path / "out"),
-                       "--data_dir", str(tmp_path), "--stage", "fp", "--command_launcher",
-                       "submitit", "--skip_confirmation"]) == 0
-    script = fake_slurm.read_text()  # 36 jobs, pacs_w4a4's fp stage: time_min 180
-    assert "#SBATCH --array=0-35%36\n" in script and "#SBATCH --time=180\n" in script
+def tiny_demo(folder: Path) -> Path:
+    """The demo's three stages (fp, then qat, then gaqat) at a few steps."""
+    path = folder / "tiny_demo.py"
+    stages = [{"name": n, "steps": 3, "checkpoint_freq": 2} for n in ("fp", "qat", "gaqat")]
+    path.write_text("SWEEP = " + repr({"extends": "demo", "hparams": {"batch_size": 8},
+                                      "stages": stages}) + "\n")
+    return path
 
 
 @pytest.mark.slow
-def test_domainbed_sweep_with_submitit(tmp_path, fake_slurm):
-    run([PYTHON, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "RotatedDigits",
-         "--algorithms", "ERM_FP", "--n_hparams", "1", "--n_trials", "1", "--single_test_envs",
-         "--command_launcher", "submitit", "--skip_confirmation", "--output_dir",
-         str(tmp_path / "out"), "--data_dir", str(tmp_path)])
-    assert "#SBATCH --array=0-5%6\n" in fake_slurm.read_text()  # one job per test env
+def test_unsatisfiable_request_is_refused_at_once(slurm, tmp_path, monkeypatch, capsys):
+    for name, value in {**SMALL, "GAQAT_SUBMITIT_CPUS": "64"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    start = time.time()
+    assert gaqat("sweep", "launch", "demo", "--stage", "fp", "--output_dir", str(tmp_path),
+                 "--data_dir", str(tmp_path), "--command_launcher", "submitit",
+                 "--skip_confirmation") == 2
+    assert time.time() - start < 30
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no node of partition 'debug' has the CPUs asked for: 64 requested per job" in err
+    assert "the largest node (localhost) has" in err
+    queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True)
+    assert queue.stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_three_stage_sweep_and_domainbeds_sweep_on_slurm(slurm, tmp_path):
+    env = {**SMALL, "GAQAT_SUBMITIT_FOLDER": str(tmp_path / "logs")}
+    config = tiny_demo(tmp_path)
+    common = [str(config), "--output_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path)]
+    proc = run([PYTHON, "-m", "domainbed_gaqat", "sweep", "launch", *common,
+                "--command_launcher", "submitit", "--skip_confirmation"], timeout=1200, **env)
+    for n in (1, 2, 1):  # fp, qat (LSQ and SAGM_LSQ), gaqat: one array each, after the other
+        assert f"submitit: {n} of {n} jobs completed" in proc.stdout
+    assert proc.stdout.count("jobs submitted to slurm") == 3
+    listed = run([PYTHON, "-m", "domainbed_gaqat", "sweep", "list", *common]).stdout
+    assert listed.count("0 incomplete, 0 not launched.") == 3
+    for folder in (tmp_path / "out" / "RotatedDigits").glob("*/*"):
+        assert (folder / "done").exists() and (folder / "model.pkl").exists()
+    table = run([PYTHON, "-m", "domainbed_gaqat", "tables", *common, "--format", "csv"]).stdout
+    assert {line.split(",")[1] for line in table.splitlines()[1:] if line} == {
+        "ERM_FP", "LSQ", "SAGM_LSQ", "GAQAT"}
+
+    # DomainBed's own sweep: its train commands run through the resumable entry
+    out = tmp_path / "domainbed"
+    proc = run([PYTHON, "-m", "domainbed.scripts.sweep", "launch", "--datasets",
+                "RotatedDigits", "--algorithms", "ERM_FP", "--n_hparams", "1", "--n_trials", "1",
+                "--single_test_envs", "--steps", "2", "--hparams", json.dumps({"batch_size": 8}),
+                "--command_launcher", "submitit", "--skip_confirmation", "--output_dir",
+                str(out), "--data_dir", str(tmp_path)], timeout=1200, **env)
+    assert "submitit: 6 of 6 jobs completed" in proc.stdout
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 6 and all((p / "done").exists() for p in runs)
+    accounting = subprocess.run(["sacct", "-n", "-X", "-o", "State"], capture_output=True,
+                                text=True, check=True).stdout.split()
+    assert accounting.count("COMPLETED") >= 10
+
+
+@pytest.mark.slow
+def test_failed_and_cancelled_jobs_are_reported(slurm, tmp_path, monkeypatch, capsys):
+    for name, value in SMALL.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    commands = ["python -c 'import sys; sys.exit(3)'", "python -c 'import time; time.sleep(600)'"]
+
+    def cancel_the_sleeper() -> None:
+        for _ in range(600):
+            queue = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i"],
+                                   capture_output=True, text=True).stdout.split()
+            sleeper = [j for j in queue if j.endswith("_1")]
+            if sleeper:
+                subprocess.run(["scancel", sleeper[0]], check=True)
+                return
+            time.sleep(0.5)
+
+    canceller = threading.Thread(target=cancel_the_sleeper)
+    canceller.start()
+    jobs = launchers.submitit_launcher(commands)
+    canceller.join()
+    out = capsys.readouterr().out
+    failed, cancelled = jobs
+    assert f"submitit: job {failed.job_id} FAILED: see {failed.paths.stderr}" in out
+    assert f"submitit: job {cancelled.job_id} CANCELLED" in out
+    assert str(cancelled.paths.stderr) in out and "0 of 2 jobs completed" in out
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
+    """A two-minute limit, SIGUSR2 30 s before it (Slurm checks every 30 s): the training
+    saves its state, submitit requeues the job, the requeued job continues; the records are an
+    uninterrupted run's. 160 steps take longer than one run's 60-90 s."""
+    args = ["--dataset", "RotatedDigits", "--algorithm", "GAQAT", "--test_envs", "0", "--steps",
+            "160", "--checkpoint_freq", "40", "--save_every", "0", "--hparams",
+            json.dumps({"batch_size": 8, "gaqat_K": 5})]
+    reference = tmp_path / "reference"
+    local = subprocess.Popen([PYTHON, "-m", "domainbed_gaqat.train", *args, "--output_dir",
+                              str(reference)], env={**os.environ, **SMALL},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**SMALL, "GAQAT_SUBMITIT_FOLDER": str(tmp_path / "logs"),
+           "GAQAT_SUBMITIT_TIME_MIN": "2", "GAQAT_SUBMITIT_SIGNAL_DELAY_S": "30",
+           "GAQAT_SUBMITIT_WAIT_MAX_MIN": "10"}
+    out = tmp_path / "slurm_run"
+    command = shlex.join(["python", "-m", "domainbed.scripts.train", *args, "--output_dir",
+                          str(out)])
+    code = ("import sys; from domainbed_gaqat.plugin import launchers\n"
+            f"launchers.submitit_launcher([{command!r}])")
+    proc = run([PYTHON, "-c", code], timeout=900, **env)
+    assert local.wait(timeout=900) == 0
+    assert "submitit: 1 of 1 jobs completed" in proc.stdout, proc.stdout
+    text = (out / "out.txt").read_text()
+    assert "Stopped by signal 12" in text and "Resuming from step" in text
+    restarts = subprocess.run(["sacct", "-n", "-X", "-D", "-o", "State"], capture_output=True,
+                              text=True, check=True).stdout.split()
+    assert "REQUEUED" in restarts
+
+    def records(folder: Path) -> list[dict]:
+        found = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        for record in found:
+            record.pop("step_time")
+            record["args"].pop("output_dir")
+        return found
+
+    assert [r["step"] for r in records(out)] == [0, 40, 80, 120, 159]
+    assert records(out) == records(reference)

@@ -1,6 +1,10 @@
-"""The layout change keeps behaviour: every paper config plans the jobs it planned before (the
-same train args, run folders and commands), and the tables of the same runs are the same.
-The stored plans were written by ``plan_snapshot.py`` from the code before the change."""
+"""Every paper config plans the jobs it planned before (the same train args, run folders and
+commands), and the tables of the same runs are the same.
+
+The stored plans were written by ``plan_snapshot.py`` from the code before the package's
+layout changed, then once more for two deliberate changes (and only those, checked when they
+were written): the jobs run through ``domainbed_gaqat.train``, and DomainNet's QAT stages pass
+``--eval_from 45000`` with checkpoints every 1,000 steps."""
 
 import json
 
@@ -20,3 +24,11 @@ def test_jobs_and_tables_equal_the_stored_plan(now, name):
     for stage, commands in stored["stages"].items():
         assert now[name]["stages"][stage] == commands, stage
     assert now[name]["tables"] == stored["tables"]
+
+
+@pytest.mark.parametrize("name", ["domainnet_w4a4", "domainnet_w3a3"])
+def test_domainnet_qat_evaluates_from_step_45000(now, name):
+    for stage in ("qat", "gaqat"):
+        assert all("--checkpoint_freq 1000 " in c and "--eval_from 45000 " in c
+                   for c in now[name]["stages"][stage])
+    assert not any("--eval_from" in c for c in now[name]["stages"]["fp"])

@@ -79,8 +79,11 @@ def test_domainnet_groups_and_eval_window(tmp_path):
     assert {tuple(j.train_args["test_envs"]) for j in fp.jobs} == {(0, 1), (2, 3), (4, 5)}
     assert all("--test_envs 0 1 " in j.command_str for j in cell(fp.jobs, "ERM_FP", [0, 1], 0))
     qat = config["stages"][1]
-    assert (qat["steps"], qat["checkpoint_freq"], qat["eval_from"]) == (50000, 45000, 45000)
-    assert 45000 % qat["checkpoint_freq"] == 0
+    assert (qat["steps"], qat["checkpoint_freq"], qat["eval_from"]) == (50000, 1000, 45000)
+    qat_jobs = sweep.plan(config, tmp_path, tmp_path)[1]  # blocked until stage 1 is done
+    assert qat_jobs.blocked and not qat_jobs.jobs
+    assert all("-m domainbed_gaqat.train " in j.command_str and "--eval_from" not in
+               j.command_str for j in fp.jobs)  # stage 1 evaluates every checkpoint
 
 
 def test_two_stages_init_paths_and_base_lr(tmp_path):

@@ -76,9 +76,11 @@ def stage_folder(config: dict, spec: dict, output_dir: str) -> str:
 
 def train_args(config: dict, spec: dict, algorithm: str, test_envs: list[int], trial: int,
                hparams: dict, data_dir: str) -> dict:
-    """Arguments of one ``domainbed.scripts.train`` run (DomainBed hashes them into its folder)."""
+    """Arguments of one run of ``domainbed_gaqat.train`` (DomainBed's train.py and
+    ``--eval_from``); DomainBed hashes them into the run's folder."""
     steps = {"steps": spec["steps"], "checkpoint_freq": spec["checkpoint_freq"],
-             "holdout_fraction": config["holdout_fraction"]}
+             "holdout_fraction": config["holdout_fraction"],
+             **({"eval_from": spec["eval_from"]} if spec["eval_from"] else {})}
     hparams_seed = misc.seed_hash(json.dumps(
         {"algorithm": algorithm, "dataset": config["dataset"], "hparams": hparams, **steps},
         sort_keys=True))
@@ -161,7 +163,7 @@ def _stage_jobs(config: dict, spec: dict, stages: dict[str, Stage], output_dir: 
                     args = train_args(config, spec, algorithm, test_envs, trial, hparams,
                                       data_dir)
                     job = Job(args, folder)
-                    job.command_str = launchers.with_this_python(job.command_str)
+                    job.command_str = launchers.entry_command(job.command_str)
                     jobs.append(job)
     return jobs
 

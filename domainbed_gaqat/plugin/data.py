@@ -29,23 +29,36 @@ def build_dataset(name: str, data_dir: str | None, test_envs: Sequence[int], hpa
 
 
 def split_envs(dataset, test_envs: Sequence[int], hparams: dict, holdout_fraction: float = 0.2,
-               trial_seed: int = 0) -> tuple[list, list]:
-    """train.py's ``(in_splits, out_splits)``: lists of ``(split, weights or None)``."""
+               trial_seed: int = 0, uda_holdout_fraction: float = 0.0
+               ) -> tuple[list, list, list]:
+    """train.py's ``(in_splits, out_splits, uda_splits)``: lists of ``(split, weights or
+    None)``; a test env's in-split is split again into its uda part (empty by default, which
+    still reorders it, as in train.py) and the rest."""
     from domainbed.lib import misc
 
     if not 0 < holdout_fraction < 1:
         raise ValueError(f"holdout_fraction {holdout_fraction!r}: expected a number in (0, 1)")
-    in_splits, out_splits = [], []
+    if not 0 <= uda_holdout_fraction < 1:
+        raise ValueError(f"uda_holdout_fraction {uda_holdout_fraction!r}: expected a number "
+                         "in [0, 1)")
+    balanced = hparams["class_balanced"]
+
+    def weighted(split) -> tuple:
+        return split, misc.make_weights_for_balanced_classes(split) if balanced else None
+
+    in_splits, out_splits, uda_splits = [], [], []
     for env_i, env in enumerate(dataset):
         out, in_ = misc.split_dataset(env, int(len(env) * holdout_fraction),
                                       misc.seed_hash(trial_seed, env_i))
-        if env_i in test_envs:  # train.py's (empty) uda split reorders the test in-split
-            _, in_ = misc.split_dataset(in_, 0, misc.seed_hash(trial_seed, env_i))
-        balanced = hparams["class_balanced"]
-        in_splits.append((in_, misc.make_weights_for_balanced_classes(in_) if balanced else None))
-        out_splits.append((out, misc.make_weights_for_balanced_classes(out) if balanced
-                           else None))
-    return in_splits, out_splits
+        uda = []
+        if env_i in test_envs:
+            uda, in_ = misc.split_dataset(in_, int(len(in_) * uda_holdout_fraction),
+                                          misc.seed_hash(trial_seed, env_i))
+        in_splits.append(weighted(in_))
+        out_splits.append(weighted(out))
+        if len(uda):
+            uda_splits.append(weighted(uda))
+    return in_splits, out_splits, uda_splits
 
 
 def train_minibatches(dataset, in_splits: list, test_envs: Sequence[int],
@@ -99,8 +112,8 @@ class Data:
         self.test_envs = list(test_envs)
         self.hparams = hparams
         self.dataset = build_dataset(dataset_name, data_dir, self.test_envs, hparams)
-        self.in_splits, self.out_splits = split_envs(self.dataset, self.test_envs, hparams,
-                                                     holdout_fraction, trial_seed)
+        self.in_splits, self.out_splits, _ = split_envs(self.dataset, self.test_envs, hparams,
+                                                        holdout_fraction, trial_seed)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, dataset: str | None = None,

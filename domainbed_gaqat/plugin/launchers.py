@@ -1,34 +1,52 @@
 """A ``submitit`` command launcher for DomainBed's ``command_launchers.REGISTRY``.
 
 ``--command_launcher submitit`` submits a sweep's commands as one Slurm job array (or runs them
-through submitit's local executor), each with the Python interpreter that launched the sweep.
-Settings come from the defaults below, then a sweep config's ``slurm`` sections (``gaqat-sweep``
-only), then the environment, which wins:
+through submitit's local executor), each with the Python interpreter that launched the sweep
+and, for DomainBed's ``domainbed.scripts.train``, through its resumable drop-in
+``domainbed_gaqat.train``. The jobs are checkpointable: on the time limit or a preemption
+(submitit's SIGUSR2) the training saves its state, submitit requeues the job, and the requeued
+job continues from the saved state.
 
-===================  ================================  ==========================================
-setting              environment variable              default
-===================  ================================  ==========================================
-cluster              GAQAT_SUBMITIT_CLUSTER            auto: ``slurm`` if sbatch exists, else
-                                                       ``local`` (``debug``: in-process)
-folder               GAQAT_SUBMITIT_FOLDER             ``submitit_logs`` (logs, pickled jobs)
-partition            GAQAT_SUBMITIT_PARTITION          the cluster's default partition
-time_min             GAQAT_SUBMITIT_TIME_MIN           ``1440``: explicit time limit per job
-gpus                 GAQAT_SUBMITIT_GPUS               ``1`` per job
-cpus                 GAQAT_SUBMITIT_CPUS               ``8`` per job
-mem_gb               GAQAT_SUBMITIT_MEM_GB             ``32`` per job
-array_parallelism    GAQAT_SUBMITIT_ARRAY_PARALLELISM  ``64`` jobs of the array at once
-wait                 GAQAT_SUBMITIT_WAIT               ``0``; ``1``: return when all jobs ended
-===================  ================================  ==========================================
+Before submitting, the request (partition, GPUs, CPUs, memory, time) is checked against what
+the cluster's nodes offer (``sinfo``): a request no node can satisfy is refused, naming the
+resource, the request and the largest node, instead of pending forever. With ``wait`` the
+launcher reports the jobs' states as they change, up to ``wait_max_min`` minutes, and then
+names every job that did not complete, with its state and log.
+
+Settings come from the defaults below, then a sweep config's ``slurm`` sections (``gaqat
+sweep`` only), then the environment, which wins:
+
+===================  ==================================  ==========================================
+setting              environment variable                default
+===================  ==================================  ==========================================
+cluster              GAQAT_SUBMITIT_CLUSTER              auto: ``slurm`` if sbatch exists, else
+                                                         ``local`` (``debug``: in-process)
+folder               GAQAT_SUBMITIT_FOLDER               ``submitit_logs`` (logs, pickled jobs)
+partition            GAQAT_SUBMITIT_PARTITION            the cluster's default partition
+time_min             GAQAT_SUBMITIT_TIME_MIN             ``1440``: time limit per job
+gpus                 GAQAT_SUBMITIT_GPUS                 ``1`` per job
+cpus                 GAQAT_SUBMITIT_CPUS                 ``8`` per job
+mem_gb               GAQAT_SUBMITIT_MEM_GB               ``32`` per job
+array_parallelism    GAQAT_SUBMITIT_ARRAY_PARALLELISM    ``64`` jobs of the array at once
+signal_delay_s       GAQAT_SUBMITIT_SIGNAL_DELAY_S       ``90``: SIGUSR2 this long before the limit
+wait                 GAQAT_SUBMITIT_WAIT                 ``0``; ``1``: return when all jobs ended
+wait_max_min         GAQAT_SUBMITIT_WAIT_MAX_MIN         ``0``: the time limit x array rounds + 60
+===================  ==================================  ==========================================
 
 submitit's local executor starts every job at once, on the same GPUs: it is for tests; on one
 machine use DomainBed's ``local`` or ``multi_gpu`` launchers.
 """
 
+import math
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 
 CLUSTERS = ("slurm", "local", "debug")
 # name: (environment variable, default, type)
@@ -41,8 +59,12 @@ SETTINGS: dict[str, tuple[str, object, type]] = {
     "cpus": ("GAQAT_SUBMITIT_CPUS", 8, int),
     "mem_gb": ("GAQAT_SUBMITIT_MEM_GB", 32, int),
     "array_parallelism": ("GAQAT_SUBMITIT_ARRAY_PARALLELISM", 64, int),
+    "signal_delay_s": ("GAQAT_SUBMITIT_SIGNAL_DELAY_S", 90, int),
     "wait": ("GAQAT_SUBMITIT_WAIT", False, bool),
+    "wait_max_min": ("GAQAT_SUBMITIT_WAIT_MAX_MIN", 0, int),
 }
+POLL_S = 5
+ENTRY = "domainbed_gaqat.train"
 
 
 def _from_env(name: str, kind: type, text: str) -> object:
@@ -77,45 +99,167 @@ def settings(config: dict | None = None) -> dict:
     return result
 
 
-def with_this_python(command: str) -> str:
-    """Run DomainBed's ``python -m ...`` commands with the interpreter of this process."""
-    return re.sub(r"^python3?(?=\s)", shlex.quote(sys.executable), command.strip())
+def entry_command(command: str) -> str:
+    """A sweep command with this process's interpreter, and DomainBed's train script replaced
+    by its resumable drop-in (same arguments, same outputs)."""
+    command = re.sub(r"^python3?(?=\s)", shlex.quote(sys.executable), command.strip())
+    return re.sub(r"(\s-m\s+)domainbed\.scripts\.train(?=\s|$)", rf"\g<1>{ENTRY}", command)
 
 
-def run_command(command: str) -> None:
-    """Run one sweep command in a shell (the body of each submitit job)."""
-    subprocess.run(command, shell=True, check=True)
+class SweepCommand:
+    """One sweep command as a checkpointable submitit job (submitit calls :meth:`checkpoint` on
+    SIGUSR2: the time limit or a preemption)."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+
+    def __call__(self, command: str) -> None:
+        self._process = process = subprocess.Popen(shlex.split(command))
+        while process.poll() is None:  # not wait(): it would hold the lock checkpoint needs
+            time.sleep(1)
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command)
+
+    def checkpoint(self, command: str):
+        """Let the command (signalled too) save its state, then requeue the same command."""
+        from submitit.helpers import DelayedSubmission
+
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGUSR2)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pass
+        return DelayedSubmission(self, command)
+
+    def __getstate__(self) -> dict:  # pickled for the requeue: no process handle
+        return {"_process": None}
 
 
-def make_executor(config: dict | None = None):
-    """A submitit executor configured by :func:`settings`."""
+# --- what the cluster offers ---------------------------------------------------------------
+
+
+def _minutes(text: str) -> float:
+    """A Slurm time limit (``infinite``, ``D-HH:MM:SS``, ``HH:MM:SS``, ``MM:SS``, ``MM``)."""
+    if text.strip() in ("infinite", "UNLIMITED", "n/a"):
+        return math.inf
+    days, _, rest = text.strip().rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    hours, minutes, seconds = ([0] * (3 - len(parts)) + parts) if len(parts) > 1 else (
+        0, parts[0], 0)
+    return int(days or 0) * 1440 + hours * 60 + minutes + seconds / 60
+
+
+def _gpus(gres: str) -> int:
+    return sum(int(m[1]) for m in re.finditer(r"gpu(?::[^:,()]+)?:(\d+)", gres))
+
+
+def cluster_nodes() -> list[dict]:
+    """One entry per node and partition from ``sinfo``: name, partition (default marked),
+    CPUs, memory in MB, GPUs, the partition's time limit in minutes."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%l"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    nodes = []
+    for line in out.splitlines():
+        name, partition, cpus, memory, gres, limit = line.strip().split("|")
+        nodes.append({"name": name, "partition": partition.rstrip("*"),
+                      "default": partition.endswith("*"), "cpus": int(cpus.rstrip("+")),
+                      "mem_mb": int(re.sub(r"\D", "", memory) or 0), "gpus": _gpus(gres),
+                      "time_min": _minutes(limit)})
+    return nodes
+
+
+def check_request(s: dict, nodes: list[dict]) -> None:
+    """Refuse a request no node can satisfy (see the module docstring)."""
+    partitions = sorted({n["partition"] for n in nodes})
+    partition = s["partition"] or next((n["partition"] for n in nodes if n["default"]), None)
+    if partition not in partitions:
+        raise ValueError(f"submitit: partition {s['partition'] or '(default)'!r} is not one of "
+                         f"the cluster's {partitions}")
+    candidates = [n for n in nodes if n["partition"] == partition]
+    for resource, wanted, have, unit in (("CPUs", s["cpus"], "cpus", ""),
+                                         ("memory", s["mem_gb"] * 1024, "mem_mb", " MB"),
+                                         ("GPUs", s["gpus"], "gpus", "")):
+        largest = max(candidates, key=lambda n: n[have])
+        if wanted > largest[have]:
+            raise ValueError(
+                f"submitit: no node of partition {partition!r} has the {resource} asked for: "
+                f"{wanted}{unit} requested per job, the largest node ({largest['name']}) has "
+                f"{largest[have]}{unit}; lower the setting (GAQAT_SUBMITIT_*, or the config's "
+                f"slurm section)")
+    limit = max(n["time_min"] for n in candidates)
+    if s["time_min"] > limit:
+        raise ValueError(f"submitit: time_min {s['time_min']} exceeds partition "
+                         f"{partition!r}'s limit of {limit:g} minutes")
+
+
+# --- submitting and waiting ----------------------------------------------------------------
+
+
+def make_executor(s: dict):
+    """A submitit executor configured by the settings ``s``."""
     import submitit
 
-    s = settings(config)
     executor = submitit.AutoExecutor(folder=os.path.join(s["folder"], "%j"), cluster=s["cluster"])
     params = {"name": "domainbed", "timeout_min": s["time_min"], "gpus_per_node": s["gpus"],
               "cpus_per_task": s["cpus"], "mem_gb": s["mem_gb"],
-              "slurm_array_parallelism": s["array_parallelism"]}
+              "slurm_array_parallelism": s["array_parallelism"],
+              "slurm_signal_delay_s": s["signal_delay_s"]}
     if s["partition"]:
         params["slurm_partition"] = s["partition"]
     executor.update_parameters(**params)
     return executor
 
 
+def _completed(job) -> bool:
+    """Done without an error (a cancelled Slurm job's ``exception()`` raises instead)."""
+    if not job.done():
+        return False
+    try:
+        return job.exception() is None
+    except Exception:  # submitit.core.utils.UncompletedJobError: cancelled, timed out
+        return False
+
+
+def wait(jobs: list, max_minutes: float) -> list:
+    """Report the jobs' states as they change until all ended or ``max_minutes`` passed;
+    returns the jobs that did not complete (each reported by id, state and log)."""
+    deadline, last = time.time() + 60 * max_minutes, None
+    while True:
+        states = Counter(job.state.split(" ")[0] for job in jobs)
+        if states != last:
+            print("submitit: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())),
+                  flush=True)
+            last = states
+        if all(job.done() for job in jobs) or time.time() > deadline:
+            break
+        time.sleep(POLL_S)
+    unfinished = [job for job in jobs if not _completed(job)]
+    for job in unfinished:
+        state = job.state if job.done() else f"{job.state}, still not done after waiting " \
+                                             f"{max_minutes:g} min"
+        print(f"submitit: job {job.job_id} {state}: see {job.paths.stderr}", flush=True)
+    print(f"submitit: {len(jobs) - len(unfinished)} of {len(jobs)} jobs completed", flush=True)
+    return unfinished
+
+
 def submitit_launcher(commands: list[str], config: dict | None = None) -> list:
     """DomainBed launcher: submit ``commands`` as one job array; returns the submitit jobs.
-    With ``wait``, blocks until all ended and reports the failed ones."""
+    With ``wait``, blocks until all ended (bounded) and reports the ones that did not
+    complete."""
     if not commands:
         return []
-    executor = make_executor(config)
-    jobs = executor.map_array(run_command, [with_this_python(c) for c in commands])
+    s = settings(config)
+    if s["cluster"] == "slurm" or (s["cluster"] is None and shutil.which("sbatch")):
+        check_request(s, cluster_nodes())
+    executor = make_executor(s)
+    jobs = executor.map_array(SweepCommand(), [entry_command(c) for c in commands])
     print(f"submitit: {len(jobs)} jobs submitted to {executor.cluster}, first id "
-          f"{jobs[0].job_id}, logs in {jobs[0].paths.folder.parent}")
-    if settings(config)["wait"]:
-        failed = [job for job in jobs if job.exception() is not None]
-        for job in failed:
-            print(f"submitit: job {job.job_id} failed, see {job.paths.stderr}")
-        print(f"submitit: {len(jobs) - len(failed)} of {len(jobs)} jobs succeeded")
+          f"{jobs[0].job_id}, logs in {jobs[0].paths.folder.parent}", flush=True)
+    if s["wait"]:
+        rounds = math.ceil(len(jobs) / max(s["array_parallelism"], 1))
+        wait(jobs, s["wait_max_min"] or s["time_min"] * rounds + 60)
     return jobs
 
 
