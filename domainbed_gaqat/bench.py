@@ -106,8 +106,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _hparams(algorithm: str, args: argparse.Namespace) -> dict:
-    families = ALGORITHMS[algorithm].families
-    hparams = {name: p.default for name, p in params(families, "PACS").items()}
+    hparams = {name: p.default for name, p in params(ALGORITHMS[algorithm], "PACS").items()}
     hparams.update(resnet18=args.arch == "resnet18", init="none")
     if "w_bits" in hparams:
         hparams.update(w_bits=args.bits, a_bits=args.bits)

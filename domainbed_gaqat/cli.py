@@ -19,6 +19,7 @@ COMMANDS = {
               "run a sweeps/ config as DomainBed jobs, stage after stage"),
     "tables": ("domainbed_gaqat.experiments.tables", "the paper's tables from run folders"),
     "train": ("domainbed_gaqat.train", "DomainBed's train.py, resumable (time limits, preemption)"),
+    "ensemble": ("domainbed_gaqat.ensemble", "QT-DoG's EoQ: the summed logits of runs' models"),
     "traces": ("domainbed_gaqat.traces",
                "scale-gradient traces while training (paper Figs 2-5)"),
     "probe": ("domainbed_gaqat.probe", "accuracy under scaled quantizer scales (Table 1)"),

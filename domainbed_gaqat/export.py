@@ -131,14 +131,17 @@ def weight_integers(conv: QuantConv2d) -> np.ndarray:
 
 def conv(g: GraphBuilder, x: str, module: nn.Conv2d, name: str, quantize: bool) -> str:
     """A (quantized) conv: activations through Q/DQ, weights integer + DequantizeLinear."""
-    if isinstance(module, QuantConv2d) and quantize:
+    if isinstance(module, QuantConv2d) and quantize and module.a_quant is not None:
         x = quantize_activation(g, x, module.a_quant, name)
     if isinstance(module, QuantConv2d) and quantize and module.w_quant is not None:
+        q = module.w_quant
         codes = g.constant(f"{name}.w_int", weight_integers(module))
-        scale = g.constant(f"{name}.w_scale", np.array(_scale(module.w_quant), np.float32))
+        scales = q.scale.detach().cpu().float().numpy()  # 0-d, or one per output channel
+        scale = g.constant(f"{name}.w_scale", scales)
         zero = g.constant(f"{name}.w_zero_point",
-                          np.array(0, INT_DTYPES[(True, container_bits(module.w_quant.bits))]))
-        weight = g.op("DequantizeLinear", [codes, scale, zero], f"{name}.w_dq")
+                          np.zeros(scales.shape, INT_DTYPES[(True, container_bits(q.bits))]))
+        axis = {"axis": 0} if scales.ndim else {}
+        weight = g.op("DequantizeLinear", [codes, scale, zero], f"{name}.w_dq", **axis)
     else:
         weight = g.constant(f"{name}.weight", _f32(module.weight))
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -232,8 +235,9 @@ def expected_sizes(algorithm: nn.Module) -> dict[str, int]:
               if id(t) not in q_ids and t.dim() > 0]
     floats += [b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))]
     n_float = sum(t.numel() for t in floats)
-    n_quantizers = sum(1 for _ in quantizers(net))
-    int_bytes = packed + 4 * n_float + 5 * n_quantizers + 8 * n_quantizers  # scales, zps, clips
+    # per scale a float32 and a 1-byte zero point; an activation's clip bounds (2 x float32)
+    extra = sum(5 * q.scale.numel() + 8 for _, q in quantizers(net))
+    int_bytes = packed + 4 * n_float + extra
     float_bytes = 4 * (n_quant + n_float)
     return {"quantized_conv_weights": n_quant, "float_values": n_float,
             "expected_int_bytes": int_bytes, "expected_float_bytes": float_bytes,
@@ -261,11 +265,12 @@ def compare(path: str, algorithm: nn.Module, x: torch.Tensor,
             "n_inputs": len(x)}
 
 
-def bit_widths(algorithm: nn.Module) -> tuple[int, int]:
+def bit_widths(algorithm: nn.Module) -> tuple[int, int | None]:
+    """``(W, A)`` bits of the quantizers (A None: weights only)."""
     qs = [q for _, q in quantizers(algorithm)]
     w = {q.bits for q in qs if q.is_weight}
     a = {q.bits for q in qs if not q.is_weight}
-    return max(w), max(a)
+    return max(w), max(a) if a else None
 
 
 # --- command line --------------------------------------------------------------------------

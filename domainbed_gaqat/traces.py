@@ -62,6 +62,9 @@ class TraceRecorder:
         if not named or spec is None or not spec.quantized:
             raise ValueError(f"{type(algorithm).__name__} has no quantizer scales: expected a "
                              f"quantized algorithm ({', '.join(quantized_algorithms())})")
+        if any(q.scale.dim() for _, q in named):
+            raise ValueError(f"{type(algorithm).__name__} has per-channel scales: the traces "
+                             "follow one scale per tensor (the paper's Figs 2-5)")
         if every < 1:
             raise ValueError(f"every (M) must be >= 1, got {every!r}")
         self.algorithm, self.every, self.scales = algorithm, every, list(algorithm.scales)

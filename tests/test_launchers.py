@@ -12,9 +12,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import PYTHON, gaqat, run
 from domainbed import command_launchers
+from submitit.core.utils import DelayedSubmission
 
 from domainbed_gaqat.plugin import launchers
 
@@ -162,19 +164,40 @@ def test_three_stage_sweep_and_domainbeds_sweep_on_slurm(slurm, tmp_path):
     assert {line.split(",")[1] for line in table.splitlines()[1:] if line} == {
         "ERM_FP", "LSQ", "SAGM_LSQ", "GAQAT"}
 
-    # DomainBed's own sweep: its train commands run through the resumable entry
+    # DomainBed's own sweep, its commands through the resumable entry: QTDoG (quantized from
+    # step 1) and SAQ on Debug28 (three envs), then DomainBed's collect_results
     out = tmp_path / "domainbed"
-    proc = run([PYTHON, "-m", "domainbed.scripts.sweep", "launch", "--datasets",
-                "RotatedDigits", "--algorithms", "ERM_FP", "--n_hparams", "1", "--n_trials", "1",
-                "--single_test_envs", "--steps", "2", "--hparams", json.dumps({"batch_size": 8}),
-                "--command_launcher", "submitit", "--skip_confirmation", "--output_dir",
-                str(out), "--data_dir", str(tmp_path)], timeout=1200, **env)
-    assert "submitit: 6 of 6 jobs completed" in proc.stdout
-    runs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(runs) == 6 and all((p / "done").exists() for p in runs)
+    for algorithm, hparams in (("QTDoG", {"quant_start": 1}), ("SAQ", {})):
+        proc = run([PYTHON, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "Debug28",
+                    "--algorithms", algorithm, "--n_hparams", "1", "--n_trials", "1",
+                    "--single_test_envs", "--steps", "3", "--hparams", json.dumps(hparams),
+                    "--command_launcher", "submitit", "--skip_confirmation", "--output_dir",
+                    str(out), "--data_dir", str(tmp_path)], timeout=1200, **env)
+        assert "submitit: 3 of 3 jobs completed" in proc.stdout
+    report = run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir",
+                  str(out)]).stdout
+    assert "Total records: 12" in report  # 6 runs, steps 0 and 2
+    section = report.split("Dataset: Debug28, model selection method: training-domain "
+                           "validation set")[1].split("--------")[0]
+    for algorithm in ("QTDoG", "SAQ"):
+        expected = {}
+        for folder in (p for p in out.iterdir() if p.is_dir()):
+            records = [json.loads(line)
+                       for line in (folder / "results.jsonl").read_text().splitlines()]
+            if records[0]["args"]["algorithm"] == algorithm:
+                [env] = records[0]["args"]["test_envs"]
+                best = max(records, key=lambda r: np.mean(  # training-domain validation
+                    [r[f"env{i}_out_acc"] for i in range(3) if i != env]))
+                expected[env] = round(100 * best[f"env{env}_in_acc"], 1)
+        [row] = [line.split() for line in section.splitlines() if line.startswith(algorithm)]
+        assert [float(row[1 + 3 * e]) for e in range(3)] == [expected[e] for e in range(3)]
     accounting = subprocess.run(["sacct", "-n", "-X", "-o", "State"], capture_output=True,
                                 text=True, check=True).stdout.split()
     assert accounting.count("COMPLETED") >= 10
+    submitted = [DelayedSubmission.load(p).args[0]
+                 for p in (tmp_path / "logs").glob("*/*_submitted.pkl")]
+    assert len(submitted) >= 10 and all(f"{sys.executable} -m domainbed_gaqat.train " in c
+                                        for c in submitted)
 
 
 @pytest.mark.slow

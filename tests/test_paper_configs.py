@@ -42,9 +42,8 @@ def two_at_a_time(commands: list[str]) -> None:
 def one_point(config: dict, spec: dict) -> dict:
     """The stage's grid reduced to one point: the registry's default where the grid has it."""
     bits = min(config["bits"]) if ALGORITHMS[spec["algorithms"][0]].quantized else 4
-    families = ALGORITHMS[spec["algorithms"][0]].families
-    defaults = {k: p.default for k, p in hparams_lib.params(families, config["dataset"],
-                                                            bits).items()}
+    defaults = {k: p.default for k, p in hparams_lib.params(ALGORITHMS[spec["algorithms"][0]],
+                                                            config["dataset"], bits).items()}
     return {k: [defaults[k] if defaults.get(k) in values else values[0]]
             for k, values in spec["grid"].items()}
 

@@ -23,7 +23,8 @@ from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 TOP_KEYS = {"paper", "extends", "dataset", "test_envs", "trials", "bits", "selection",
             "holdout_fraction", "hparams", "stages", "table", "slurm"}
 MERGED_KEYS = ("hparams", "table", "slurm")  # merged key by key under ``extends``
-STAGE_KEYS = {"name", "from", "algorithms", "steps", "checkpoint_freq", "eval_from", "hparams",
+STAGE_KEYS = {"name", "from", "algorithms", "steps", "checkpoint_freq", "eval_from", "members",
+              "hparams",
               "grid", "init_from", "hparams_from", "slurm"}
 BIT_KEYS = hparams_lib.BIT_KEYS
 PAPER = "paper"
@@ -186,6 +187,10 @@ def _known(algorithm: str, dataset: str) -> set[str]:
     return set(hparams_registry.default_hparams(algorithm, dataset))
 
 
+def reads_activation_bits(algorithm: str, dataset: str) -> bool:
+    return "a_bits" in _known(algorithm, dataset)
+
+
 def quantized(algorithm: str) -> bool:
     """Whether ``algorithm`` is one of the plugin's quantized algorithms."""
     found = ALGORITHMS.get(algorithm)
@@ -215,8 +220,9 @@ def validate(config: dict) -> None:
     _check(isinstance(fraction, float) and 0 < fraction < 1, config,
            f"holdout_fraction {fraction!r}: expected a float in (0, 1)", "holdout_fraction")
     bits = config.get("bits", [4, 4])
-    _check(isinstance(bits, list) and len(bits) == 2 and all(_int(b, 2) and b <= 8 for b in bits),
-           config, f"bits {bits!r}: expected [W, A], each an int in 2..8", "bits")
+    _check(isinstance(bits, list) and len(bits) in (1, 2)
+           and all(_int(b, 2) and b <= 8 for b in bits), config,
+           f"bits {bits!r}: expected [W, A] or [W] (weights only), each an int in 2..8", "bits")
     _check(isinstance(config["hparams"], dict), config,
            f"hparams {config['hparams']!r}: expected a dict", "hparams")
     _slurm(config, config["slurm"], "slurm")
@@ -247,7 +253,7 @@ def validate(config: dict) -> None:
 
 def _check_value(config: dict, algorithm: str, key: str, value: object, *path: object) -> None:
     """A plugin hyperparameter's value against its range (DomainBed's own are not checked)."""
-    param = (hparams_lib.params(ALGORITHMS[algorithm].families, config["dataset"]).get(key)
+    param = (hparams_lib.params(ALGORITHMS[algorithm], config["dataset"]).get(key)
              if algorithm in ALGORITHMS else None)
     expected = param.check(value) if param is not None else None
     _check(expected is None, config, f"{key} {value!r} for {algorithm}: expected {expected}",
@@ -274,9 +280,18 @@ def _validate_stage(config: dict, spec: dict, seen: dict[str, list[str]], i: int
     is_quantized = kinds.pop()
     _check(not is_quantized or "bits" in config, config,
            f"{where} is quantized: the config needs bits = [W, A]", *at)
+    if is_quantized:
+        reads = {reads_activation_bits(a, config["dataset"]) for a in algorithms}
+        _check(len(reads) == 1, config, f"{where}: mixes weight-only and W/A algorithms (their "
+               "runs go to different folders): give them stages of their own", *at, "algorithms")
+        _check(not reads.pop() or len(config["bits"]) == 2, config,
+               f"{where} quantizes activations: the config needs bits = [W, A]", *at)
     for key in ("steps", "checkpoint_freq"):
         _check(_int(spec.get(key), 1), config, f"{where}: {key} {spec.get(key)!r}: "
                f"expected an int >= 1", *at, key)
+    members = spec.setdefault("members", 1)
+    _check(_int(members, 1), config, f"{where}: members {members!r}: expected an int >= 1 (runs "
+           "of each job differing only in seed, for an ensemble)", *at, "members")
     eval_from = spec.setdefault("eval_from", 0)
     _check(_int(eval_from, 0) and eval_from < spec["steps"], config,
            f"{where}: eval_from {eval_from!r}: expected an int in 0..steps-1", *at, "eval_from")

@@ -39,11 +39,12 @@ from domainbed_gaqat.experiments.configs import (
     grid_points,
     load_config,
     quantized,
+    reads_activation_bits,
 )
 from domainbed_gaqat.experiments.results import Locator
 from domainbed_gaqat.experiments.selection import Choice, choose
 from domainbed_gaqat.plugin import launchers
-from domainbed_gaqat.plugin.checkpoints import MOCO_ENV
+from domainbed_gaqat.plugin.checkpoints import MOCO_ENV, torchvision_path
 
 
 class Blocked(Exception):
@@ -68,22 +69,28 @@ class Stage:
 
 
 def stage_folder(config: dict, spec: dict, output_dir: str) -> str:
-    """``OUT/<dataset>/fp`` or ``OUT/<dataset>/w<W>a<A>``."""
-    if quantized(spec["algorithms"][0]):
-        return os.path.join(output_dir, config["dataset"], "w{}a{}".format(*config["bits"]))
-    return os.path.join(output_dir, config["dataset"], "fp")
+    """``OUT/<dataset>/fp``, ``OUT/<dataset>/w<W>a<A>``, or ``OUT/<dataset>/w<W>`` (weights
+    only)."""
+    algorithm = spec["algorithms"][0]
+    if not quantized(algorithm):
+        return os.path.join(output_dir, config["dataset"], "fp")
+    bits = config["bits"] if reads_activation_bits(algorithm, config["dataset"]) else [
+        config["bits"][0]]
+    return os.path.join(output_dir, config["dataset"], "".join(
+        f"{kind}{b}" for kind, b in zip("wa", bits)))
 
 
 def train_args(config: dict, spec: dict, algorithm: str, test_envs: list[int], trial: int,
-               hparams: dict, data_dir: str) -> dict:
+               hparams: dict, data_dir: str, member: int = 0) -> dict:
     """Arguments of one run of ``domainbed_gaqat.train`` (DomainBed's train.py and
     ``--eval_from``); DomainBed hashes them into the run's folder."""
     steps = {"steps": spec["steps"], "checkpoint_freq": spec["checkpoint_freq"],
              "holdout_fraction": config["holdout_fraction"],
              **({"eval_from": spec["eval_from"]} if spec["eval_from"] else {})}
-    hparams_seed = misc.seed_hash(json.dumps(
-        {"algorithm": algorithm, "dataset": config["dataset"], "hparams": hparams, **steps},
-        sort_keys=True))
+    identity = {"algorithm": algorithm, "dataset": config["dataset"], "hparams": hparams, **steps}
+    if member:  # an ensemble member: the same run with another seed (and its own group)
+        identity["member"] = member
+    hparams_seed = misc.seed_hash(json.dumps(identity, sort_keys=True))
     return {"dataset": config["dataset"], "algorithm": algorithm, "test_envs": test_envs,
             "hparams_seed": hparams_seed, "data_dir": data_dir, "task": "domain_generalization",
             "trial_seed": trial, "hparams": json.dumps(hparams, sort_keys=True),
@@ -95,8 +102,7 @@ def _hparams(config: dict, spec: dict, algorithm: str, inherited: dict, point: d
     hparams = hparams_registry.default_hparams(algorithm, config["dataset"])
     hparams.update((k, v) for k, v in config["hparams"].items() if k in hparams)
     hparams.update(spec["hparams"])
-    if "w_bits" in hparams:
-        hparams.update(zip(BIT_KEYS, config["bits"]))
+    hparams.update((k, b) for k, b in zip(BIT_KEYS, config["bits"]) if k in hparams)
     return {**hparams, **inherited, **point}
 
 
@@ -160,11 +166,12 @@ def _stage_jobs(config: dict, spec: dict, stages: dict[str, Stage], output_dir: 
             for algorithm in spec["algorithms"]:
                 for point in grid_points(spec["grid"]):
                     hparams = _hparams(config, spec, algorithm, inherited, point)
-                    args = train_args(config, spec, algorithm, test_envs, trial, hparams,
-                                      data_dir)
-                    job = Job(args, folder)
-                    job.command_str = launchers.entry_command(job.command_str)
-                    jobs.append(job)
+                    for member in range(spec["members"]):
+                        args = train_args(config, spec, algorithm, test_envs, trial, hparams,
+                                          data_dir, member)
+                        job = Job(args, folder)
+                        job.command_str = launchers.entry_command(job.command_str)
+                        jobs.append(job)
     return jobs
 
 
@@ -216,15 +223,23 @@ def print_stage(stage: Stage) -> None:
           f"{states.count(Job.NOT_LAUNCHED)} not launched.")
 
 
-def _check_moco(stage: Stage) -> None:
+def _check_init(stage: Stage) -> None:
+    """The pretrained weights a stage starts from must be there before it is launched."""
     for job in stage.jobs:
         hparams = json.loads(job.train_args["hparams"])
-        path = hparams["init_path"] or os.environ.get(MOCO_ENV, "")
-        if hparams.get("init") == "moco" and not os.path.isfile(path):
-            raise Blocked(
-                f"stage {stage.name!r} starts from MoCo-v2 weights (init='moco'), but "
-                f"{'init_path' if hparams['init_path'] else '$' + MOCO_ENV}={path!r} is no file: "
-                f"export {MOCO_ENV}=/path/to/moco_v2_800ep_pretrain.pth.tar")
+        if hparams.get("init") == "moco":
+            path = hparams["init_path"] or os.environ.get(MOCO_ENV, "")
+            if not os.path.isfile(path):
+                raise Blocked(
+                    f"stage {stage.name!r} starts from MoCo-v2 weights (init='moco'), but "
+                    f"{'init_path' if hparams['init_path'] else '$' + MOCO_ENV}={path!r} is no "
+                    f"file: export {MOCO_ENV}=/path/to/moco_v2_800ep_pretrain.pth.tar")
+        if hparams.get("init") == "torchvision":
+            path = torchvision_path(hparams["resnet18"])
+            if not os.path.isfile(path):
+                raise Blocked(f"stage {stage.name!r} starts from torchvision's ImageNet weights "
+                              f"(init='torchvision'), but {path} is no file: download it there "
+                              "(torch hub cache; $TORCH_HOME moves it)")
 
 
 def _launcher(name: str, config: dict, spec: dict):
@@ -257,7 +272,7 @@ def run_config(command: str, config: dict, output_dir: str, data_dir: str,
         try:
             if planned.blocked:
                 raise Blocked(planned.blocked)
-            _check_moco(planned)
+            _check_init(planned)
         except Blocked as why:
             print(f"gaqat sweep: not launching: {why}", file=sys.stderr)
             return 2

@@ -16,6 +16,7 @@ Only finished runs count; unfinished ones, unreadable lines and jobs not launche
 on stderr.
 """
 
+import json
 import sys
 from collections import defaultdict
 
@@ -32,10 +33,25 @@ FORMATS = ("markdown", "latex", "csv")
 
 
 def row_of(run: Run, split_by: list[str]) -> tuple:
-    """``(algorithm, "W/A" or "Full", split values...)`` of a run."""
+    """``(algorithm, "W/A" or "Full", split values...)`` of a run (``W/FP``: weights only)."""
     hparams = run.hparams
-    bits = f"{hparams['w_bits']}/{hparams['a_bits']}" if "w_bits" in hparams else "Full"
+    bits = (f"{hparams['w_bits']}/{hparams.get('a_bits', 'FP')}" if "w_bits" in hparams
+            else "Full")
     return (run.args["algorithm"], bits, *(hparams.get(k, "-") for k in split_by))
+
+
+def repetitions(candidates: list[tuple[Run, int]]) -> list[list[tuple[Run, int]]]:
+    """A cell's candidates as repetitions: runs with the same hparams (ensemble members,
+    differing only in seed) are repetitions of one grid point; the m-th repetition takes each
+    grid point's m-th run by seed. Without repeated hparams: the cell itself."""
+    points: dict[str, list] = defaultdict(list)
+    for run, eval_from in candidates:
+        hparams = {k: v for k, v in run.hparams.items() if k != "init_path"}
+        points[json.dumps(hparams, sort_keys=True)].append((run, eval_from))
+    if all(len(p) == 1 for p in points.values()):
+        return [candidates]
+    ordered = [sorted(p, key=lambda c: c[0].args.get("seed", 0)) for p in points.values()]
+    return [[p[m] for p in ordered if len(p) > m] for m in range(max(map(len, ordered)))]
 
 
 def select_cells(entries: list[tuple[Run, int]], rule: str, split_by: list[str]) -> list[dict]:
@@ -49,11 +65,14 @@ def select_cells(entries: list[tuple[Run, int]], rule: str, split_by: list[str])
             groups[key].append((run, eval_from))
     cells = []
     for (dataset, row, test_envs, trial), candidates in groups.items():
-        choice = choose(candidates, rule)
-        if choice is not None:
-            cells.append({"dataset": dataset, "row": row, "test_envs": test_envs,
-                          "trial": trial, "val": 100 * choice.val, "run": choice.run.path,
-                          "tests": {e: 100 * a for e, a in choice.tests.items()}})
+        repeated = repetitions(candidates)
+        for m, repetition in enumerate(repeated):
+            choice = choose(repetition, rule)
+            if choice is not None:  # repetitions count as trials of the row
+                cells.append({"dataset": dataset, "row": row, "test_envs": test_envs,
+                              "trial": trial if len(repeated) == 1 else (trial, m),
+                              "val": 100 * choice.val, "run": choice.run.path,
+                              "tests": {e: 100 * a for e, a in choice.tests.items()}})
     return cells
 
 
@@ -73,7 +92,8 @@ def _env_names(dataset: str) -> list[str] | None:
 def _row_order(row: tuple) -> tuple:
     algorithm, bits, *split = row
     order = list(ALGORITHMS)
-    rank = (0, 0, 0) if bits == "Full" else (1, *(-int(b) for b in bits.split("/")))
+    rank = (0, 0, 0) if bits == "Full" else (1, *(-int(b) if b != "FP" else -32
+                                                   for b in bits.split("/")))
     return (rank, order.index(algorithm) if algorithm in order else len(order), algorithm,
             *((str(type(v)), v) for v in split))
 
@@ -193,19 +213,39 @@ def add_arguments(parser) -> None:
                         help="default: the configs' rule, else 'test'")
     parser.add_argument("--split_by", nargs="+", help="hparams that split rows (Tables 5, 6)")
     parser.add_argument("--format", choices=FORMATS, default="markdown")
+    parser.add_argument("--ensembles", nargs="+", default=[],
+                        help="records of gaqat ensemble (JSON files): EoQ rows")
 
 
 def run(args) -> int:
     return print_tables(args.configs, args.input_dir, args.output_dir, args.data_dir,
-                        args.eval_from, args.selection, args.split_by, args.format)
+                        args.eval_from, args.selection, args.split_by, args.format,
+                        args.ensembles)
+
+
+def ensemble_entries(paths: list[str]) -> list[tuple[Run, int]]:
+    """``gaqat ensemble`` records as one-checkpoint finished runs."""
+    entries = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--ensembles {path!r}: not a record of gaqat ensemble ({err})"
+                             ) from None
+        if not isinstance(record, dict) or "members" not in record:
+            raise ValueError(f"--ensembles {path!r}: not a record of gaqat ensemble")
+        entries.append((Run(path, [record], True), 0))
+    return entries
 
 
 def print_tables(configs: list[str], input_dirs: list[str] | None = None,
                  output_dir: str | None = None, data_dir: str | None = None, eval_from: int = 0,
                  selection: str | None = None, split_by: list[str] | None = None,
-                 fmt: str = "markdown") -> int:
+                 fmt: str = "markdown", ensembles: list[str] = ()) -> int:
     """Print the tables of ``configs`` (their runs under ``output_dir``) or of the runs under
-    ``input_dirs``; notes go to stderr. Returns 1 when no run is finished, else 0."""
+    ``input_dirs``, with EoQ rows from ``ensembles``; notes go to stderr. Returns 1 when no run
+    is finished, else 0."""
     if bool(configs) == bool(input_dirs):
         raise ValueError("give either configs (with --output_dir) or --input_dir")
     notes: list[str] = []
@@ -216,6 +256,7 @@ def print_tables(configs: list[str], input_dirs: list[str] | None = None,
     else:
         entries = [(run, eval_from) for run in find_runs(input_dirs)]
         config_split, rules = [], ["test"]
+    entries += ensemble_entries(list(ensembles))
     if len(set(rules)) > 1 and not selection:
         raise ValueError(f"the configs use different selection rules {rules}: pass --selection")
     rule = selection or rules[0]

@@ -19,11 +19,12 @@ from torch.utils.hooks import RemovableHandle
 
 from domainbed_gaqat.optim.freezing import ScaleFreezer
 from domainbed_gaqat.optim.sagm import sagm_step
+from domainbed_gaqat.optim.saq import saq_step
 from domainbed_gaqat.plugin.checkpoints import initialize
 from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
 from domainbed_gaqat.plugin.hparams import validate
 from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm, specs
-from domainbed_gaqat.quant.modules import quantizers
+from domainbed_gaqat.quant.modules import QuantConv2d, quantizers, set_quantization
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,10 @@ class FeaturizerAlgorithm(Algorithm):
         return dict(zip(stats, values))
 
 
-def _stacked_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    return torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
+    """The parameters' gradients in one vector (a per-channel scale is several entries)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
 
 
 @algorithm(benchmark=True)
@@ -104,11 +107,15 @@ class ERM_FP(FeaturizerAlgorithm):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(x, y)
         loss.backward()
-        if self.scales and self._scale_hooks:
-            applied = _stacked_grads(self.scales)
-            self._scale_gradients(ScaleGradients(applied, None, applied, None))
+        self._before_optimizer_step()
         self.optimizer.step()
         return {"loss": loss.detach()}
+
+    def _before_optimizer_step(self) -> None:
+        """The scale-gradient hooks of a single-pass step."""
+        if self.scales and self._scale_hooks:
+            applied = _flat_grads(self.scales)
+            self._scale_gradients(ScaleGradients(applied, None, applied, None))
 
 
 @algorithm(families=("sagm",))
@@ -190,6 +197,69 @@ class GAQAT_NoUnfreeze(GAQAT):
     """GAQAT never unfreezing a scale once frozen (Table 4, "w/o Unfreeze")."""
 
     FREEZE_RULE = "no_unfreeze"
+
+
+@algorithm(families=("quant", "saq"), baseline="LSQ")
+class SAQ(LSQ):
+    """SAM on the quantized weights, SAQ's case 3 (Liu et al.; rho 0.1 by default).
+
+    Beside the release: LSQ instead of its learnable-clip quantizer (LIQ), and the shared
+    featurizer's policy (stem input only, classifier full precision) instead of 8-bit first and
+    last layers; its "efficient training strategy" is not in its code, nor here.
+    """
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.quantized = [m for m in self.modules()
+                          if isinstance(m, QuantConv2d) and m.w_quant is not None]
+        quantized_ids = {id(m.weight) for m in self.quantized}
+        self.others = [p for p in self.weights if id(p) not in quantized_ids]
+
+    def step(self, x, y):
+        loss = saq_step(lambda: self.loss(x, y), self, self.quantized, self.others,
+                        self.scales, self.hparams["rho"])
+        self._before_optimizer_step()
+        self.optimizer.step()
+        return {"loss": loss}
+
+
+@algorithm(families=("qtdog",), baseline="LSQ", defaults={"weight_decay": 0.0})
+class QTDoG(LSQ):
+    """QT-DoG (Javed et al. 2024): LSQ on the conv weights only, 7 bits, per channel, from
+    step ``quant_start``.
+
+    Before ``quant_start`` the quantizers are the identity; at it, each scale initialises from
+    the current weights. Every parameter is in the optimizer from step 0. ``qtdog_release``
+    reproduces the public release's two bugs: the stem's weights are quantized too (its
+    exclusion compared ``conv1`` with full names), and after ``quant_start`` the conv weights
+    and the scales stay fixed (the quantized modules were swapped in without rebuilding the
+    optimizer): only BatchNorm's affine parameters and the classifier train.
+    """
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._steps = 0  # host mirror of steps_done: no device sync per step
+        convs = [m.weight for m in self.modules() if isinstance(m, QuantConv2d)]
+        self.fixed_after_start = [*convs, *self.scales] if hparams["qtdog_release"] else []
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps = int(self.steps_done)
+
+    def step(self, x, y):
+        if self._steps == self.hparams["quant_start"]:
+            set_quantization(self, True)
+        stats = super().step(x, y)
+        self._steps += 1
+        self.steps_done.fill_(self._steps)
+        return stats
+
+    def _before_optimizer_step(self) -> None:
+        if self._steps >= self.hparams["quant_start"]:
+            for p in self.fixed_after_start:
+                p.grad = None  # Adam skips a parameter without a gradient
+        super()._before_optimizer_step()
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = specs()

@@ -60,11 +60,17 @@ def _moco_state(path: str) -> dict:
             if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
 
 
+def torchvision_path(resnet18: bool) -> str:
+    """Where torchvision keeps its ImageNet ResNet weights (the torch hub cache)."""
+    name = "ResNet18_Weights" if resnet18 else "ResNet50_Weights"
+    url = getattr(torchvision.models, name).IMAGENET1K_V1.url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
 def _torchvision_state(hparams: dict) -> tuple[str, dict]:
     """ImageNet weights from the torch hub cache (never downloaded here)."""
     name = "ResNet18_Weights" if hparams["resnet18"] else "ResNet50_Weights"
-    weights = getattr(torchvision.models, name).IMAGENET1K_V1
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    path = torchvision_path(hparams["resnet18"])
     what = f"torchvision {name}.IMAGENET1K_V1 in the torch hub cache"
     state = read_weights(path, what)
     if not isinstance(state, dict):

@@ -5,7 +5,9 @@ Policy (paper sec. 4.1): every conv quantizes its input activations and its weig
 the stem conv, which quantizes its input only (weights stay full precision); the linear
 classifier is not quantized. The stem's input is the normalised image, which is signed, so its
 activation quantizer uses the signed grid (an unsigned one would zero every negative pixel);
-every other conv input follows a ReLU and uses the unsigned grid.
+every other conv input follows a ReLU and uses the unsigned grid. Options (QT-DoG's): weights
+only (no activation quantizers), one scale per output channel, the stem's weights quantized
+too, and quantizers that start disabled (the exact identity) until a training step.
 """
 
 from dataclasses import dataclass
@@ -29,12 +31,20 @@ class QuantPolicy:
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> "QuantPolicy":
-        """The paper's policy at ``w_bits`` / ``a_bits``."""
-        grad_scale = hparams["lsq_grad_scale"]
-        activation = QuantConfig(hparams["a_bits"], signed=False, grad_scale=grad_scale)
-        return cls(weight=QuantConfig(hparams["w_bits"], signed=True, grad_scale=grad_scale),
-                   activation=activation,
-                   stem_input=QuantConfig(hparams["a_bits"], signed=True, grad_scale=grad_scale))
+        """The paper's policy at ``w_bits`` / ``a_bits``; without ``a_bits``, weights only.
+        The options are hparams of the algorithms that have them (QT-DoG's): ``w_per_channel``,
+        ``quant_stem_weight`` (implied by ``qtdog_release``: its release quantized the stem),
+        ``quant_start`` (quantizers start disabled when it is > 0)."""
+        common = {"grad_scale": hparams["lsq_grad_scale"],
+                  "enabled": hparams.get("quant_start", 0) == 0}
+        granularity = "channel" if hparams.get("w_per_channel", False) else "tensor"
+        weight = QuantConfig(hparams["w_bits"], signed=True, granularity=granularity, **common)
+        bits = hparams.get("a_bits")
+        return cls(weight=weight,
+                   activation=QuantConfig(bits, signed=False, **common) if bits else None,
+                   stem_input=QuantConfig(bits, signed=True, **common) if bits else None,
+                   stem_weight=weight if hparams.get("quant_stem_weight", False)
+                   or hparams.get("qtdog_release", False) else None)
 
     def apply(self, resnet: nn.Module) -> None:
         """Replace every conv of a torchvision ResNet by a :class:`QuantConv2d`, in place."""

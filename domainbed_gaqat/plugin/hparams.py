@@ -110,9 +110,10 @@ def gaqat_grid(dataset: str, bits: int) -> dict[str, tuple]:
     return GAQAT_GRIDS.get((dataset, nearest), GAQAT_GRIDS["PACS", 4])
 
 
-def params(families: tuple[str, ...], dataset: str, bits: int = 4) -> dict[str, Param]:
-    """The parameters of an algorithm of these hparam families on one dataset; ``bits``: the
-    smaller of W/A, which picks GAQAT's grid."""
+def params(spec: AlgorithmSpec, dataset: str, bits: int = 4) -> dict[str, Param]:
+    """The parameters of an algorithm (its families, then its own defaults) on one dataset;
+    ``bits``: the smaller of W/A, which picks GAQAT's grid."""
+    families = spec.families
     small = dataset in SMALL
     entries = {
         "resnet18": Param(small, _flag),
@@ -128,17 +129,27 @@ def params(families: tuple[str, ...], dataset: str, bits: int = 4) -> dict[str, 
         "batch_size": Param({"DomainNet": 24, "Debug28": 8, "Debug224": 8}.get(dataset, 32),
                             _integer(1)),
     }
+    weights = {"scale_lr": Param(1e-5, _real(0, low_open=True)),
+               "lsq_grad_scale": Param(True, _flag)}
     if "quant" in families:
         entries.update(w_bits=Param(4, _integer(2, 8)), a_bits=Param(4, _integer(2, 8)),
-                       scale_lr=Param(1e-5, _real(0, low_open=True)),
-                       lsq_grad_scale=Param(True, _flag))
+                       **weights)
+    if "qtdog" in families:  # QT-DoG: LSQ on conv weights only, per channel, from a step on
+        entries.update(w_bits=Param(7, _integer(2, 8)), w_per_channel=Param(True, _flag),
+                       quant_start=Param(2000, _integer(0)),
+                       quant_stem_weight=Param(False, _flag), qtdog_release=Param(False, _flag),
+                       **weights)
     if "sagm" in families:
         entries.update(rho=Param(0.05, _real(0)),
                        alpha=Param(0.0005 if dataset == "DomainNet" else 0.001, _real(0)))
+    if "saq" in families:  # SAQ's radius: 0.1 by default, 0.3-0.4 in its ImageNet scripts
+        entries.update(rho=Param(0.1, _real(0), (0.1, 0.05, 0.3, 0.4)))
     if "gaqat" in families:
         grid = gaqat_grid(dataset, bits)
         entries.update(gaqat_r=Param(grid["gaqat_r"][0], _real(0, 1), grid["gaqat_r"]),
                        gaqat_K=Param(grid["gaqat_K"][0], _integer(2), grid["gaqat_K"]))
+    for name, default in spec.defaults.items():
+        entries[name] = Param(default, entries[name].check, entries[name].choices)
     return entries
 
 
@@ -148,7 +159,7 @@ DOMAINBED_CHECKS: dict[str, Check] = {"data_augmentation": _flag, "class_balance
 def paper_grid(spec: AlgorithmSpec, dataset: str, bits: int, name: str) -> list:
     """The sorted values ``random_hparams`` draws ``name`` from (the paper's grid); an error
     naming the parameter where it is fixed."""
-    param = params(spec.families, dataset, bits).get(name)
+    param = params(spec, dataset, bits).get(name)
     if param is None or param.choices is None:
         raise ValueError(f"{name!r} has no grid for {spec.name} on {dataset} at {bits} bits "
                          "(it is fixed or not a hyperparameter of it): give its values")
@@ -156,20 +167,21 @@ def paper_grid(spec: AlgorithmSpec, dataset: str, bits: int, name: str) -> list:
 
 
 def _bits(hparams: dict) -> int:
-    return min(hparams.get(k, 4) for k in BIT_KEYS)
+    return min(hparams.get(k, 4) for k in BIT_KEYS if k in hparams) if any(
+        k in hparams for k in BIT_KEYS) else 4
 
 
 def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _draws(families: tuple[str, ...], dataset: str, seed: int | None, bits: int,
+def _draws(spec: AlgorithmSpec, dataset: str, seed: int | None, bits: int,
            names: list[str] | None = None) -> dict[str, object]:
     """Defaults (``seed`` None) or DomainBed-style random draws of the plugin's parameters."""
     from domainbed.lib import misc
 
     out = {}
-    for name, param in params(families, dataset, bits).items():
+    for name, param in params(spec, dataset, bits).items():
         if names is None or name in names:
             value = param.default if seed is None else param.draw(
                 np.random.RandomState(misc.seed_hash(seed, name)))
@@ -186,10 +198,10 @@ class Hparams(dict):
     Pickles and copies as an ``OrderedDict`` (which ``torch.load(weights_only=True)`` reads:
     train.py saves the hparams in ``model.pkl``)."""
 
-    def __init__(self, values: dict, families: tuple[str, ...], dataset: str,
+    def __init__(self, values: dict, spec: AlgorithmSpec, dataset: str,
                  seed: int | None) -> None:
         super().__init__(values)
-        self._origin = families, dataset, seed
+        self._origin = spec, dataset, seed
         self._explicit: set[str] = set()
 
     def __setitem__(self, key, value) -> None:
@@ -223,8 +235,8 @@ def wrap_registry(default_hparams: Callable, random_hparams: Callable, inner: Ca
         spec = lookup(algorithm)
         if spec is None:
             return inner(algorithm, dataset, random_seed)
-        defaults = _draws(spec.families, dataset, None, 4)
-        drawn = _draws(spec.families, dataset, random_seed, 4)
+        defaults = _draws(spec, dataset, None, 4)
+        drawn = _draws(spec, dataset, random_seed, 4)
         return {**base(dataset, random_seed), **{k: (defaults[k], drawn[k]) for k in defaults}}
 
     def default(algorithm, dataset):
@@ -232,16 +244,14 @@ def wrap_registry(default_hparams: Callable, random_hparams: Callable, inner: Ca
         if spec is None:
             return default_hparams(algorithm, dataset)
         values = {k: d for k, (d, _) in base(dataset, 0).items()}
-        return Hparams({**values, **_draws(spec.families, dataset, None, 4)}, spec.families,
-                       dataset, None)
+        return Hparams({**values, **_draws(spec, dataset, None, 4)}, spec, dataset, None)
 
     def random(algorithm, dataset, seed):
         spec = lookup(algorithm)
         if spec is None:
             return random_hparams(algorithm, dataset, seed)
         values = {k: r for k, (_, r) in base(dataset, seed).items()}
-        return Hparams({**values, **_draws(spec.families, dataset, seed, 4)}, spec.families,
-                       dataset, seed)
+        return Hparams({**values, **_draws(spec, dataset, seed, 4)}, spec, dataset, seed)
 
     for fn, original in ((_hparams, inner), (default, default_hparams),
                          (random, random_hparams)):
@@ -255,7 +265,7 @@ def validate(spec: AlgorithmSpec, hparams: dict) -> None:
     closest known names), is missing, or has a value out of its range (the checks are the
     same on every dataset)."""
     algorithm = spec.name
-    own = {name: p.check for name, p in params(spec.families, "PACS").items()}
+    own = {name: p.check for name, p in params(spec, "PACS").items()}
     known = {**DOMAINBED_CHECKS, **own}
     for key in hparams:
         if key not in known:

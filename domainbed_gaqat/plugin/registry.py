@@ -8,14 +8,17 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
-FAMILIES = ("quant", "sagm", "gaqat")
+FAMILIES = ("quant", "sagm", "gaqat", "saq", "qtdog")
+QUANTIZED = ("quant", "qtdog")  # the families that quantize the featurizer
 _SPECS: dict[str, "AlgorithmSpec"] = {}
 
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """``families``: the hyperparameter families it reads (``quant``: bits and scales, ``sagm``:
-    rho and alpha, ``gaqat``: r and K); ``baseline``: the algorithm whose step it extends (the
+    """``families``: the hyperparameter families it reads (``quant``: W/A bits and scales,
+    ``sagm``: rho and alpha, ``gaqat``: r and K, ``saq``: SAQ's rho, ``qtdog``: QT-DoG's
+    weight-only per-channel quantization and its start step); ``defaults``: its own defaults
+    of shared hyperparameters; ``baseline``: the algorithm whose step it extends (the
     benchmark's ratios); ``benchmark``: timed by ``gaqat bench``."""
 
     name: str
@@ -23,10 +26,11 @@ class AlgorithmSpec:
     families: tuple[str, ...]
     baseline: str | None
     benchmark: bool
+    defaults: dict
 
     @property
     def quantized(self) -> bool:
-        return "quant" in self.families
+        return any(f in self.families for f in QUANTIZED)
 
     @property
     def summary(self) -> str:
@@ -35,7 +39,7 @@ class AlgorithmSpec:
 
 
 def algorithm(families: tuple[str, ...] = (), baseline: str | None = None,
-              benchmark: bool = False) -> Callable[[type], type]:
+              benchmark: bool = False, defaults: dict | None = None) -> Callable[[type], type]:
     """Class decorator: register a plugin algorithm under its class name (and set its ``SPEC``,
 which subclasses inherit)."""
     unknown = set(families) - set(FAMILIES)
@@ -48,7 +52,7 @@ which subclasses inherit)."""
         if baseline is not None and baseline not in _SPECS:
             raise ValueError(f"{cls.__name__}: baseline {baseline!r} is not registered before it")
         cls.SPEC = _SPECS[cls.__name__] = AlgorithmSpec(cls.__name__, cls, tuple(families),
-                                                        baseline, benchmark)
+                                                        baseline, benchmark, defaults or {})
         return cls
 
     return register

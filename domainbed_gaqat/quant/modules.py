@@ -99,7 +99,8 @@ class LSQQuantizer(nn.Module):
 
 class QuantConv2d(nn.Conv2d):
     """``nn.Conv2d`` with LSQ quantizers on its input (``a_quant``) and weight (``w_quant``);
-    either may be None (that tensor stays full precision)."""
+    either may be None (that tensor stays full precision). ``weight_offset``, when set, is added
+    to the (quantized) weight: the hook SAQ perturbs the quantized weights through."""
 
     def __init__(self, conv: nn.Conv2d, weight: QuantConfig | None,
                  activation: QuantConfig | None) -> None:
@@ -110,9 +111,12 @@ class QuantConv2d(nn.Conv2d):
         self.a_quant = LSQQuantizer(activation, is_weight=False) if activation else None
         self.w_quant = (LSQQuantizer(weight, is_weight=True, channels=conv.out_channels)
                         if weight else None)
+        self.weight_offset: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight if self.w_quant is None else self.w_quant(self.weight)
+        if self.weight_offset is not None:
+            weight = weight + self.weight_offset
         x = x if self.a_quant is None else self.a_quant(x)
         return self._conv_forward(x, weight, self.bias)
 
