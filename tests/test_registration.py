@@ -35,7 +35,7 @@ CHECK = r'''
 """Run in a fresh interpreter of the venv under test; prints JSON."""
 import json, subprocess, sys
 
-mode = sys.argv[1]
+mode, names = sys.argv[1], json.loads(sys.argv[2])  # the plugin's registry, from the test
 out = {"torch_at_startup": "torch" in sys.modules,
        "domainbed_at_startup": any(m.startswith("domainbed") and not m.startswith("domainbed_gaqat")
                                    for m in sys.modules),
@@ -47,7 +47,6 @@ import domainbed_gaqat
 out["plugin_file"] = domainbed_gaqat.__file__
 
 from domainbed import algorithms, command_launchers, datasets, hparams_registry
-names = ["ERM_FP", "SAGM", "LSQ", "SAGM_LSQ", "GAQAT", "GAQAT_ReverseRatio", "GAQAT_NoUnfreeze"]
 
 
 def snapshot():
@@ -68,8 +67,8 @@ def snapshot():
 
 out["before_register"] = snapshot()
 if mode == "parent":  # a child started through the shell, as DomainBed's sweep does
-    child = subprocess.run(f"python {sys.argv[0]} child", shell=True, capture_output=True,
-                           text=True)
+    child = subprocess.run(f"python {sys.argv[0]} child '{sys.argv[2]}'", shell=True,
+                           capture_output=True, text=True)
     out["child"] = json.loads(child.stdout) if child.returncode == 0 else child.stderr
 domainbed_gaqat.register()
 domainbed_gaqat.register()
@@ -130,7 +129,7 @@ def installed(request, tmp_path_factory, shared_paths) -> tuple[Path, Path, str]
 
 def _check(python: Path, cwd: Path, mode: str, **extra: str) -> dict:
     (cwd / "check.py").write_text(CHECK)
-    proc = _python(python, ["check.py", mode], cwd=cwd, **extra)
+    proc = _python(python, ["check.py", mode, json.dumps(list(ALGORITHMS))], cwd=cwd, **extra)
     return json.loads(proc.stdout)
 
 
