@@ -1,7 +1,7 @@
 """Gradient disorder (paper Definition 3.1) and selective freezing (Algorithm 1, sec. 3.3).
 
-Every check compares against :func:`schedule_reference`, a brute-force transcription of the
-paper written for this file: at step ``t`` a scale's gradient is ``0.5 * g_smooth`` if frozen,
+Every check compares against :func:`references.schedule_reference`, a brute-force
+transcription of the paper: at step ``t`` a scale's gradient is ``0.5 * g_smooth`` if frozen,
 else ``0.5 * (g_task + g_smooth)``; then, when ``t mod K == 0`` and ``t > 0`` (the plugin's
 design: at ``t = 0`` no ``K``-step window exists), the disorder of ``g_task`` over steps
 ``t-K+1..t`` decides the flags for the next ``K`` steps.
@@ -16,44 +16,9 @@ import torch
 
 from domainbed_gaqat.optim.freezing import DisorderTracker, ScaleFreezer, freeze_decision
 from tests.conftest import tiny_hparams
+from tests.references import disorder_reference, schedule_reference
 
-# --- the reference --------------------------------------------------------------------------
-
-
-def sgn(v: float) -> int:
-    return (v > 0) - (v < 0)
-
-
-def disorder_reference(window: list[float]) -> Fraction:
-    """Definition 3.1: ``(1/K) * #{j : sgn(S1_j) != sgn(S2_j)}``, S1 = g_1..g_{K-1},
-    S2 = g_2..g_K, with ``sgn(0) = 0``."""
-    s1, s2 = window[:-1], window[1:]
-    return Fraction(sum(sgn(a) != sgn(b) for a, b in zip(s1, s2)), len(window))
-
-
-def decide(rule: str, delta: Fraction, frozen: bool, r: float) -> bool:
-    """Algorithm 1 lines 13-17 and the Table 4 ablations, ``r`` taken as the decimal written
-    (``0.2`` is 1/5, so a disorder of exactly 1/5 is not below it)."""
-    below = delta < Fraction(repr(r))
-    return {"gaqat": below, "reverse": not below, "no_unfreeze": frozen or below}[rule]
-
-
-def schedule_reference(g_task: list[list[float]], g_smooth: list[list[float]], K: int,
-                       r: float, rule: str) -> dict[str, list]:
-    """Algorithm 1 step by step: applied gradients, flags and disorder after every step."""
-    n = len(g_task[0])
-    frozen, delta = [False] * n, [Fraction(0)] * n
-    out: dict[str, list] = {"grad": [], "frozen": [], "disorder": []}
-    for t in range(len(g_task)):
-        out["grad"].append([0.5 * g_smooth[t][i] if frozen[i]
-                            else 0.5 * (g_task[t][i] + g_smooth[t][i]) for i in range(n)])
-        if t > 0 and t % K == 0:
-            delta = [disorder_reference([g[i] for g in g_task[t - K + 1:t + 1]])
-                     for i in range(n)]
-            frozen = [decide(rule, delta[i], frozen[i], r) for i in range(n)]
-        out["frozen"].append(list(frozen))
-        out["disorder"].append(list(delta))
-    return out
+# --- running the implementation ---------------------------------------------------------------
 
 
 def run_freezer(freezer: ScaleFreezer, g_task: list[list[float]],

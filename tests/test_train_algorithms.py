@@ -12,14 +12,8 @@ import torch
 
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 from tests.conftest import PYTHON, run
-from tests.test_freezing import (
-    Recorder,
-    batches,
-    calibrate,
-    decide,
-    disorder_reference,
-    make_algorithm,
-)
+from tests.references import decide, disorder_reference
+from tests.test_freezing import Recorder, batches, calibrate, make_algorithm
 
 GAQAT_FAMILY = {name: s.cls.FREEZE_RULE for name, s in ALGORITHMS.items()
                 if "gaqat" in s.families}
