@@ -38,14 +38,23 @@ def round_half_even(x: np.ndarray) -> np.ndarray:
     return floor + up
 
 
-def lsq_forward(v: np.ndarray, s: np.ndarray, lower: int, upper: int) -> np.ndarray:
-    """LSQ eq. 1: ``v_hat = round(clip(v / s, -Q_N, Q_P)) * s`` (``s`` broadcasts)."""
-    x = np.asarray(v, np.float64) / s
-    return round_half_even(np.clip(x, lower, upper)) * s
+def quotient(v: np.ndarray, s: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """``v / s`` as IEEE division in ``dtype`` computes it: the float64 quotient rounded to
+    ``dtype`` (for float32 that is the correctly rounded float32 quotient)."""
+    return (np.asarray(v, np.float64) / s).astype(dtype).astype(np.float64)
+
+
+def lsq_forward(v: np.ndarray, s: np.ndarray, lower: int, upper: int,
+                dtype: type = np.float64) -> np.ndarray:
+    """LSQ eq. 1: ``v_hat = round(clip(v / s, -Q_N, Q_P)) * s`` (``s`` broadcasts), in
+    ``dtype``."""
+    x = quotient(v, s, dtype)
+    return (round_half_even(np.clip(x, lower, upper)) * s).astype(dtype)
 
 
 def lsq_grads(v: np.ndarray, s: np.ndarray, lower: int, upper: int, grad_out: np.ndarray,
-              g: float, channel_axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+              g: float, channel_axis: int | None = None,
+              dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
     """``(dL/dv, dL/ds)`` of ``L = sum(grad_out * v_hat)``.
 
     ``dv_hat/dv = 1[l <= v/s <= u]`` (GAQAT sec. 2.1, closed range) and LSQ eq. 3,
@@ -53,8 +62,9 @@ def lsq_grads(v: np.ndarray, s: np.ndarray, lower: int, upper: int, grad_out: np
     gradient scale ``g`` (sec. 2.2); ``dL/ds`` sums over the tensor, or over each slice along
     ``channel_axis``. On the bounds themselves (``v/s`` exactly ``l`` or ``u``) eq. 3 and the
     closed STE range disagree; the closed range is taken for both gradients, where
-    ``round(x) - x = 0``, the limit from inside."""
-    x = np.asarray(v, np.float64) / s
+    ``round(x) - x = 0``, the limit from inside. ``x = v / s`` in ``dtype``; the sums in
+    float64."""
+    x = quotient(v, s, dtype)
     inside = (x >= lower) & (x <= upper)
     grad_v = np.where(inside, grad_out, 0.0)
     dq_ds = np.where(inside, round_half_even(x) - x, np.where(x < lower, lower, upper))
@@ -116,6 +126,8 @@ def mse_brute_force(v: np.ndarray, lower: int, upper: int,
     """``(candidates, errors)`` of one tensor (or one channel): the MSE scale is the candidate
     of least error, the smallest on ties; 1 for a tensor with nothing to quantize."""
     candidates = mse_candidates(v, lower, upper, n)
+    if candidates[-1] == 0:
+        return np.ones(1), np.zeros(1)
     return candidates, quantization_errors(v, candidates, lower, upper)
 
 

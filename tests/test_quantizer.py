@@ -14,6 +14,7 @@ from domainbed_gaqat.quant.config import QuantConfig, integer_range
 from domainbed_gaqat.quant.lsq import LSQFunction, lsq_quantize
 from domainbed_gaqat.quant.modules import LSQQuantizer
 from domainbed_gaqat.quant.range_init import mse_scale
+from tests.references import mse_brute_force
 
 BITS = list(range(2, 9))
 KINDS = {  # name -> (signed, is_weight); the stem's input is a signed activation
@@ -300,9 +301,11 @@ def test_quantizer_initialises_once_from_its_first_input() -> None:
     assert not bool(quantizer.initialized)
     quantizer(first)
     assert bool(quantizer.initialized)
-    assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
+    candidates, errors = mse_brute_force(first.double().numpy(), 0, 15)
+    calibrated = quantizer.scale.item()
+    assert calibrated == pytest.approx(candidates[errors.argmin()], rel=1e-6)
     quantizer(second)
-    assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
+    assert quantizer.scale.item() == calibrated
 
     restored = LSQQuantizer(QuantConfig(4, False), is_weight=False)
     restored.load_state_dict(quantizer.state_dict(), strict=True)
