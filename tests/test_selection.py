@@ -24,7 +24,8 @@ from tests.test_tables import write_run
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
-GROUPS = {"PACS": [[0], [1], [2], [3]], "DomainNet": [[0, 1], [2, 3], [4, 5]]}
+GROUPS = {"PACS": [[0], [1], [2], [3]], "DomainNet": [[0, 1], [2, 3], [4, 5]],
+          "ColoredMNIST": [[0], [1], [2]]}  # an odd number of envs too
 ALGORITHMS = {"ERM_FP": {}, "LSQ": {"w_bits": 4, "a_bits": 4},
               "GAQAT": {"w_bits": 4, "a_bits": 4, "gaqat_r": 0.3, "gaqat_K": 350}}
 ACCURACY = st.integers(0, 16).map(lambda k: k / 16)
@@ -122,6 +123,13 @@ def test_ties_go_to_the_earlier_step_then_the_first_run_by_path(rule: str) -> No
     better = Run("/c", [_record(5, 0.5 + (rule != "train") / 16, 0.75 + (rule == "train") / 16,
                                 0.9)], True)
     assert choose([(b, 0), (a, 0), (better, 0)], rule).run is better  # not a tie: the best
+
+
+def test_unknown_rule_is_a_clear_error() -> None:
+    run = Run("/a", [_record(0, 0.5, 0.5, 0.5)], True)
+    with pytest.raises(ValueError, match=r"selection rule 'best': expected one of "
+                                         r"\['test', 'test_last', 'train'\]"):
+        choose([(run, 0)], "best")
 
 
 def test_split_by_from_the_command_line(tmp_path, capsys) -> None:
