@@ -199,6 +199,19 @@ def test_state_dict_round_trip_resumes_exactly(rule: str, stop: int) -> None:
     assert int(resumed.tracker.step) == steps
 
 
+def test_step_counter_is_exact_at_any_step() -> None:
+    """Resumed at step 2^24 + 1 (beyond float32's integers), windows still close at
+    ``t mod K == 0``: the counter is an integer buffer."""
+    K, start = 3, 2**24 + 1
+    tracker = DisorderTracker(2, K)
+    state = tracker.state_dict()
+    state["step"] = torch.tensor(start)
+    tracker.load_state_dict(state, strict=True)
+    closed = [tracker.observe(torch.tensor([1.0, -1.0])) for _ in range(4)]
+    assert closed == [(start + i) % K == 0 for i in range(4)] == [False, True, False, False]
+    assert int(tracker.step) == start + 4
+
+
 # --- on a real GAQAT instance ----------------------------------------------------------------
 
 

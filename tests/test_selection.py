@@ -125,6 +125,16 @@ def test_ties_go_to_the_earlier_step_then_the_first_run_by_path(rule: str) -> No
     assert choose([(b, 0), (a, 0), (better, 0)], rule).run is better  # not a tie: the best
 
 
+def test_runs_without_a_usable_record_are_skipped() -> None:
+    """A run (first by path) whose records all precede its ``eval_from`` does not stop the
+    search: the later runs are still candidates."""
+    early = Run("/a", [_record(0, 1.0, 1.0, 1.0)], True)
+    later = Run("/b", [_record(10, 0.5, 0.5, 0.25)], True)
+    for rule in sorted(RULES):
+        assert choose([(early, 5), (later, 5)], rule).run is later
+    assert choose([(early, 5)], "test") is None
+
+
 def test_unknown_rule_is_a_clear_error() -> None:
     run = Run("/a", [_record(0, 0.5, 0.5, 0.5)], True)
     with pytest.raises(ValueError, match=r"selection rule 'best': expected one of "
@@ -152,3 +162,100 @@ def test_split_by_from_the_command_line(tmp_path, capsys) -> None:
         assert got == {(*row[2:], "A" if domain == 0 else domain): pytest.approx(v[2])
                        for (_, row, domain), v in want.items()}
         assert len(got) == 2 * len({row for _, row, _ in want})  # A and Avg per row
+
+
+# --- the table's layout ------------------------------------------------------------------------
+
+
+def _pacs_run(path: str, algorithm: str, hparams: dict, env: int, test_in: float,
+              train_out: float, test_out: float = 0.5) -> Run:
+    args = {"dataset": "PACS", "algorithm": algorithm, "test_envs": [env], "trial_seed": 0}
+    record = {"step": 0, "args": args, "hparams": hparams,
+              **{f"env{e}_{s}_acc": train_out for e in range(4) for s in ("in", "out")},
+              f"env{env}_in_acc": test_in, f"env{env}_out_acc": test_out}
+    return Run(path, [record], True)
+
+
+W4, W3 = {"w_bits": 4, "a_bits": 4}, {"w_bits": 3, "a_bits": 3}
+LAYOUT = [  # given in an order unlike the table's
+    _pacs_run("/r/5", "LSQ", W3, 0, 0.125, 0.25),
+    _pacs_run("/r/4", "GAQAT", {**W4, "gaqat_K": 300}, 1, 0.75, 0.625),
+    _pacs_run("/r/3", "GAQAT", {**W4, "gaqat_K": 300}, 0, 0.375, 0.625),
+    _pacs_run("/r/2", "LSQ", W4, 0, 0.25, 0.5),
+    _pacs_run("/r/1", "ERM_FP", {}, 1, 0.625, 0.75),
+    _pacs_run("/r/0", "ERM_FP", {}, 0, 0.5, 0.875),
+]
+# rows: full precision first, then W/A from high to low, in the registry's order (paper
+# Tables 2 and 3); "-": no cell (LSQ has no run for C, so no Avg)
+CELLS = [("ERM_FP", "Full", "-", ["87.50 ± 0.00 / 50.00 ± 0.00", "75.00 ± 0.00 / 62.50 ± 0.00",
+                                  "81.25 ± 0.00 / 56.25 ± 0.00"]),
+         ("LSQ", "4/4", "-", ["50.00 ± 0.00 / 25.00 ± 0.00", "-", "-"]),
+         ("GAQAT", "4/4", "300", ["62.50 ± 0.00 / 37.50 ± 0.00", "62.50 ± 0.00 / 75.00 ± 0.00",
+                                  "62.50 ± 0.00 / 56.25 ± 0.00"]),
+         ("LSQ", "3/3", "-", ["25.00 ± 0.00 / 12.50 ± 0.00", "-", "-"])]
+
+
+def _render(fmt: str, split_by: list[str]) -> str:
+    cells = tables.select_cells([(run, 0) for run in LAYOUT], "test", split_by)
+    table, _ = tables.summarize(cells, split_by)
+    return tables.render(table, split_by, fmt, "test")
+
+
+def test_markdown_layout() -> None:
+    rows = [f"| {a} | {b} | " + " | ".join(cells) + " |" for a, b, _, cells in CELLS]
+    assert _render("markdown", []) == "\n".join([
+        f"### PACS, model selection: {RULES['test']}", "",
+        "| Algorithm | W/A | A (val/test) | C (val/test) | Avg (val/test) |",
+        "|---|---|---|---|---|", *rows, ""])
+
+
+def test_latex_layout_with_a_split_column() -> None:
+    rows = [f"{a.replace('_', chr(92) + '_')} & {b} & {k} & "
+            + " & ".join(c.replace("±", "$\\pm$") for c in cells) + r" \\"
+            for a, b, k, cells in CELLS]
+    assert _render("latex", ["gaqat_K"]) == "\n".join([
+        f"% PACS, model selection: {RULES['test']}", r"\begin{tabular}{lllccc}", r"\toprule",
+        r"Algorithm & W/A & gaqat\_K & A (val/test) & C (val/test) & Avg (val/test) \\",
+        r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", ""])
+
+
+def test_csv_layout() -> None:
+    lines = _render("csv", []).splitlines()
+    assert lines[0] == "dataset,algorithm,bits,domain,val_mean,val_se,test_mean,test_se,n_trials"
+    assert lines[1] == "PACS,ERM_FP,Full,A,87.5000,0.0000,50.0000,0.0000,1"
+    assert len(lines) == 1 + 3 + 1 + 3 + 1
+
+
+def test_rows_of_one_algorithm_with_and_without_a_split_value() -> None:
+    """A run recorded without the split hparam (an older run) is its own "-" row, after the
+    numbered ones; datasets DomainBed does not know get env<i> domain names."""
+    runs = [_pacs_run("/a", "GAQAT", W4, 0, 0.5, 0.5), _pacs_run("/b", "GAQAT", {**W4,
+                                                                                "gaqat_K": 350},
+                                                                 0, 0.25, 0.5)]
+    table, _ = tables.summarize(tables.select_cells([(r, 0) for r in runs], "test",
+                                                    ["gaqat_K"]), ["gaqat_K"])
+    assert list(table.gaqat_K) == [350, 350, "-", "-"] and list(table.domain) == ["A", "Avg"] * 2
+    for run in runs:
+        run.records[0]["args"]["dataset"] = "NotInDomainBed"
+    table, _ = tables.summarize(tables.select_cells([(r, 0) for r in runs], "test", []), [])
+    assert list(table.domain) == ["env0", "Avg"]
+
+
+def test_print_tables_arguments(tmp_path, capsys) -> None:
+    """Either configs or run folders; configs need --output_dir; by default every checkpoint
+    counts and the table is Markdown. On the command line, unknown rules and formats are
+    errors."""
+    with pytest.raises(ValueError, match=r"^give either configs \(with --output_dir\) or "
+                                         r"--input_dir$"):
+        tables.print_tables([], None)
+    with pytest.raises(ValueError, match=r"^configs need --output_dir \(the folder holding "
+                                         r"the sweep's runs\)$"):
+        tables.print_tables(["pacs_w4a4"])
+    write_run(tmp_path / "run", "LSQ", 4, [0], 0, {0: ({0: 0.5}, {0: 0.5})}, W4)
+    assert tables.print_tables([], [str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("### PACS, model selection: ")
+    for bad in (["--selection", "best"], ["--format", "html"]):
+        with pytest.raises(SystemExit) as exit_info:
+            gaqat("tables", "--input_dir", str(tmp_path), *bad)
+        assert exit_info.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
