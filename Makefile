@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DOMAINBED_SRC ?= https://github.com/facebookresearch/DomainBed.git
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,14 @@ test: setup
 
 bench: setup
 	$(PY) -m domainbed_gaqat bench
+
+# Mutation testing (not part of `make test`: about an hour on 2 cores). mutmut mutates the
+# quantization and optimisation cores and the selection / tables code ([tool.mutmut] in
+# pyproject.toml) and runs, for each mutant, the fast tests that reach the mutated function;
+# then the score per module and the surviving mutants (docs/testing.md explains them).
+MUTMUT_CHILDREN ?= 2
+mutation: setup
+	rm -rf mutants
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTMUT_CHILDREN) > mutation.log 2>&1 \
+		|| (tail -40 mutation.log; exit 1)
+	$(PY) scripts/mutation_report.py --diffs

@@ -35,11 +35,11 @@ from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 from domainbed_gaqat.plugin.hparams import params
 from domainbed_gaqat.quant.config import integer_range
-from domainbed_gaqat.quant.lsq import compile_kernels, lsq_quantize, lsq_reference
+from domainbed_gaqat.quant.lsq import compile_kernels, lsq_quantize
 
 STEPS = tuple(name for name, s in ALGORITHMS.items() if s.benchmark)
 PREDICTS = {"predict_FP": "ERM_FP", "predict_LSQ": "LSQ"}
-QUANTIZERS = ("quantizer", "quantizer_fused", "quantizer_reference")
+QUANTIZERS = ("quantizer", "quantizer_fused")
 SHORT = {"ERM_FP": "FP"}
 # algorithm: (target time ratio to its baseline, target memory ratio, floor of the time ratio)
 TARGETS = {"LSQ": (1.3, 1.5, None), "SAGM_LSQ": (2.05, None, 2.0), "GAQAT": (1.03, None, 1.0)}
@@ -49,7 +49,6 @@ RATIOS = {
        for n, s in ALGORITHMS.items() if s.benchmark and s.baseline in STEPS},
     "predict_LSQ/predict_FP": ("predict_LSQ", "predict_FP", None, None, None),
     "quantizer/fused": ("quantizer", "quantizer_fused", None, None, None),
-    "quantizer/reference": ("quantizer", "quantizer_reference", None, None, None),
 }
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -166,8 +165,8 @@ def predict_fn(alg, batch: list, args: argparse.Namespace, device: torch.device)
 
 def quantizer_fns(args: argparse.Namespace, device: torch.device) -> dict[str, Callable]:
     """Forward+backward of one activation quantizer on a ResNet ``layer1`` input
-    (``[N, 64, H/4, W/4]``): the plugin's :func:`lsq_quantize`, PyTorch's fused learnable
-    fake-quant op, and the plain autograd reference (STE through ``detach``)."""
+    (``[N, 64, H/4, W/4]``): the plugin's :func:`lsq_quantize` and PyTorch's fused learnable
+    fake-quant op."""
     lower, upper = integer_range(args.bits, signed=False)
     side = max(args.resolution // 4, 1)
     g = torch.Generator().manual_seed(0)
@@ -187,9 +186,8 @@ def quantizer_fns(args: argparse.Namespace, device: torch.device) -> dict[str, C
 
     fns = (lambda v, s: lsq_quantize(v, s, lower, upper, grad_scale),
            lambda v, s: torch._fake_quantize_learnable_per_tensor_affine(
-               v, s, zero_point, lower, upper, grad_scale),
-           lambda v, s: lsq_reference(v, s, lower, upper, grad_scale))
-    return {name: call(fn, s) for name, fn, s in zip(QUANTIZERS, fns, (scale, scale1, scale))}
+               v, s, zero_point, lower, upper, grad_scale))
+    return {name: call(fn, s) for name, fn, s in zip(QUANTIZERS, fns, (scale, scale1))}
 
 
 def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int,

@@ -1,8 +1,9 @@
 """The fast quantized step against its reference paths (issue 6).
 
 Tolerances: quantized outputs are bit-identical (``torch.equal``) between the fused autograd
-Function, its compiled kernels and the plain-autograd reference, since all compute
-``round(v / s)`` by the same operations. ``dL/dv`` of the reference goes through ``* s`` and
+Function, its compiled kernels and the plain-autograd reference
+(:func:`references.lsq_autograd`), since all compute ``round(v / s) * s`` with the same
+float operations. ``dL/dv`` of the reference goes through ``* s`` and
 ``/ s`` and may differ by float rounding (``rtol = atol = 1e-6`` relative to ``|dL/dq|``);
 ``dL/ds`` is a sum over the tensor whose order differs between paths (``rtol = 1e-5``,
 ``atol = 1e-5 * sum|dL/dq|`` times the gradient scale). Whole-model gradients compound those
@@ -16,10 +17,11 @@ from torch import nn
 
 from domainbed_gaqat.optim.sagm import frozen_bn_statistics
 from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
-from domainbed_gaqat.quant import lsq
+from domainbed_gaqat.quant import lsq, modules
 from domainbed_gaqat.quant.config import integer_range
-from domainbed_gaqat.quant.lsq import lsq_quantize, lsq_reference
+from domainbed_gaqat.quant.lsq import lsq_quantize
 from domainbed_gaqat.quant.modules import quantizers
+from tests.references import lsq_autograd
 
 
 def _values(shape: tuple[int, ...], lower: int, upper: int, scale: float,
@@ -59,7 +61,7 @@ def test_lsq_function_matches_plain_autograd_reference(bits, signed, grad_scale)
     v = _values((6, 5, 7, 7), lower, upper, scale.item())
     grad_out = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
     fast = _run(lsq_quantize, v, scale, lower, upper, grad_scale, grad_out)
-    ref = _run(lsq_reference, v, scale, lower, upper, grad_scale, grad_out)
+    ref = _run(lsq_autograd, v, scale, lower, upper, grad_scale, grad_out)
     _assert_match(fast, ref, grad_out, grad_scale)
 
 
@@ -70,7 +72,7 @@ def test_lsq_function_channels_last_and_input_without_grad():
     grad_out = torch.randn(v.shape).to(memory_format=torch.channels_last)
     for v_grad in (True, False):  # False: the stem's input (the image) needs no gradient
         fast = _run(lsq_quantize, v, scale, lower, upper, 0.1, grad_out, v_grad)
-        ref = _run(lsq_reference, v, scale, lower, upper, 0.1, grad_out, v_grad)
+        ref = _run(lsq_autograd, v, scale, lower, upper, 0.1, grad_out, v_grad)
         assert (fast[1] is None) == (not v_grad)
         _assert_match(fast, ref, grad_out, 0.1)
 
@@ -150,8 +152,15 @@ def test_quantized_featurizer_matches_reference_path(monkeypatch):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     fast_out, fast_grads = forward_backward()
-    monkeypatch.setattr(lsq, "lsq_quantize", lsq_reference)
+    calls = []
+
+    def reference(*args):
+        calls.append(args[0].shape)
+        return lsq_autograd(*args)
+
+    monkeypatch.setattr(modules, "lsq_quantize", reference)  # what LSQQuantizer calls
     ref_out, ref_grads = forward_backward()
+    assert len(calls) == len(list(quantizers(model)))
     assert torch.equal(fast_out, ref_out)
     scales = {f"{name}.scale" for name, _ in quantizers(model)}
     assert scales <= set(fast_grads)

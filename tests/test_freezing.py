@@ -1,7 +1,7 @@
 """Gradient disorder (paper Definition 3.1) and selective freezing (Algorithm 1, sec. 3.3).
 
-Every check compares against :func:`schedule_reference`, a brute-force transcription of the
-paper written for this file: at step ``t`` a scale's gradient is ``0.5 * g_smooth`` if frozen,
+Every check compares against :func:`references.schedule_reference`, a brute-force
+transcription of the paper: at step ``t`` a scale's gradient is ``0.5 * g_smooth`` if frozen,
 else ``0.5 * (g_task + g_smooth)``; then, when ``t mod K == 0`` and ``t > 0`` (the plugin's
 design: at ``t = 0`` no ``K``-step window exists), the disorder of ``g_task`` over steps
 ``t-K+1..t`` decides the flags for the next ``K`` steps.
@@ -16,44 +16,9 @@ import torch
 
 from domainbed_gaqat.optim.freezing import DisorderTracker, ScaleFreezer, freeze_decision
 from tests.conftest import tiny_hparams
+from tests.references import disorder_reference, schedule_reference
 
-# --- the reference --------------------------------------------------------------------------
-
-
-def sgn(v: float) -> int:
-    return (v > 0) - (v < 0)
-
-
-def disorder_reference(window: list[float]) -> Fraction:
-    """Definition 3.1: ``(1/K) * #{j : sgn(S1_j) != sgn(S2_j)}``, S1 = g_1..g_{K-1},
-    S2 = g_2..g_K, with ``sgn(0) = 0``."""
-    s1, s2 = window[:-1], window[1:]
-    return Fraction(sum(sgn(a) != sgn(b) for a, b in zip(s1, s2)), len(window))
-
-
-def decide(rule: str, delta: Fraction, frozen: bool, r: float) -> bool:
-    """Algorithm 1 lines 13-17 and the Table 4 ablations, ``r`` taken as the decimal written
-    (``0.2`` is 1/5, so a disorder of exactly 1/5 is not below it)."""
-    below = delta < Fraction(repr(r))
-    return {"gaqat": below, "reverse": not below, "no_unfreeze": frozen or below}[rule]
-
-
-def schedule_reference(g_task: list[list[float]], g_smooth: list[list[float]], K: int,
-                       r: float, rule: str) -> dict[str, list]:
-    """Algorithm 1 step by step: applied gradients, flags and disorder after every step."""
-    n = len(g_task[0])
-    frozen, delta = [False] * n, [Fraction(0)] * n
-    out: dict[str, list] = {"grad": [], "frozen": [], "disorder": []}
-    for t in range(len(g_task)):
-        out["grad"].append([0.5 * g_smooth[t][i] if frozen[i]
-                            else 0.5 * (g_task[t][i] + g_smooth[t][i]) for i in range(n)])
-        if t > 0 and t % K == 0:
-            delta = [disorder_reference([g[i] for g in g_task[t - K + 1:t + 1]])
-                     for i in range(n)]
-            frozen = [decide(rule, delta[i], frozen[i], r) for i in range(n)]
-        out["frozen"].append(list(frozen))
-        out["disorder"].append(list(delta))
-    return out
+# --- running the implementation ---------------------------------------------------------------
 
 
 def run_freezer(freezer: ScaleFreezer, g_task: list[list[float]],
@@ -234,6 +199,19 @@ def test_state_dict_round_trip_resumes_exactly(rule: str, stop: int) -> None:
     assert int(resumed.tracker.step) == steps
 
 
+def test_step_counter_is_exact_at_any_step() -> None:
+    """Resumed at step 2^24 + 1 (beyond float32's integers), windows still close at
+    ``t mod K == 0``: the counter is an integer buffer."""
+    K, start = 3, 2**24 + 1
+    tracker = DisorderTracker(2, K)
+    state = tracker.state_dict()
+    state["step"] = torch.tensor(start)
+    tracker.load_state_dict(state, strict=True)
+    closed = [tracker.observe(torch.tensor([1.0, -1.0])) for _ in range(4)]
+    assert closed == [(start + i) % K == 0 for i in range(4)] == [False, True, False, False]
+    assert int(tracker.step) == start + 4
+
+
 # --- on a real GAQAT instance ----------------------------------------------------------------
 
 
@@ -315,6 +293,36 @@ def test_gaqat_instance_follows_algorithm_1(calibrated, monkeypatch: pytest.Monk
     assert big.sum() > len(algorithm.scales) // 2
     torch.testing.assert_close(first_move[big], -lr * recorder.applied[0].sign()[big],
                                rtol=1e-2, atol=3e-7)
+
+
+@pytest.mark.parametrize("name", ["GAQAT_ReverseRatio", "GAQAT_NoUnfreeze"])
+def test_ablation_instances_follow_their_rule(calibrated, name: str) -> None:
+    """The Table 4 ablations on a real model (GAQAT itself: above), 7 steps with K = 2
+    (decisions at t = 2, 4, 6): flags and applied scale gradients at every step equal the
+    brute-force schedule of the algorithm's rule fed with its own g_task / g_smooth, and
+    differ from the other rules' schedules of the same gradients."""
+    from domainbed import algorithms
+
+    base, data = calibrated
+    data = data + batches(1, seed=1)
+    algorithm = algorithms.get_algorithm_class(name)((3, 32, 32), 10, 2, base.hparams)
+    algorithm.load_state_dict(base.state_dict(), strict=True)
+    rule = algorithm.FREEZE_RULE
+    K, r, steps = base.hparams["gaqat_K"], base.hparams["gaqat_r"], 7
+    recorder, frozen = Recorder(algorithm), []
+    for t in range(steps):
+        algorithm.update(data[t])
+        frozen.append(algorithm.freezer.frozen.tolist())
+    g_task = [g.tolist() for g in recorder.g_task]
+    g_smooth = [g.tolist() for g in recorder.g_smooth]
+    expected = schedule_reference(g_task, g_smooth, K, r, rule)
+    assert frozen == expected["frozen"]
+    for t in range(steps):
+        assert recorder.applied[t].tolist() == pytest.approx(expected["grad"][t], rel=1e-6,
+                                                             abs=1e-12), t
+    assert len({tuple(f) for f in frozen[K:]}) > 1, "test is blind: one decision only"
+    for other in {"gaqat", "reverse", "no_unfreeze"} - {rule}:
+        assert schedule_reference(g_task, g_smooth, K, r, other)["frozen"] != frozen, other
 
 
 def test_freezing_leaves_weights_alone(calibrated, monkeypatch: pytest.MonkeyPatch) -> None:

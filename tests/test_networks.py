@@ -18,6 +18,7 @@ from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 from domainbed_gaqat.plugin.featurizer import Featurizer
 from domainbed_gaqat.quant.modules import LSQQuantizer, QuantConv2d, quantizers
 from domainbed_gaqat.quant.range_init import mse_scale
+from tests.references import integer_grid, lsq_gradient_scale, lsq_n
 
 SHAPE = (3, 32, 32)
 N_CLASSES, N_DOMAINS = 10, 5
@@ -155,6 +156,33 @@ def test_exactly_the_specified_modules_are_quantized(monkeypatch, resnet18, w_bi
             _assert_codes(weight, conv.weight.detach(), conv.w_quant)
     assert len(linear_calls) == 1 and linear_calls[0][1] is algorithm.classifier.weight
     assert linear_calls[0][0].shape == (2, 512 if resnet18 else 2048)
+
+
+def test_lsq_grad_scale_hparam_reaches_every_quantizer():
+    """``lsq_grad_scale`` on: each scale's gradient is LSQ's ``g = 1 / sqrt(N * Q_P)`` times
+    its gradient with the option off (LSQ sec. 2.2; :mod:`references` for ``N``), from the
+    same state and batch, on every quantizer of the featurizer, the stem's included."""
+    grads, shapes = {}, {}
+    x, y = _batch(2)
+    for option in (False, True):
+        torch.manual_seed(0)
+        algorithm = _algorithm("LSQ", lsq_grad_scale=option)
+        _set_scales(algorithm)
+        hooks = [q.register_forward_pre_hook(
+            lambda m, a, name=name: shapes.__setitem__(name, tuple(a[0].shape)))
+            for name, q in quantizers(algorithm)]
+        F.cross_entropy(algorithm.predict(x), y).backward()
+        for h in hooks:
+            h.remove()
+        grads[option] = {name: q.scale.grad.item() for name, q in quantizers(algorithm)}
+        assert all(q.config.grad_scale is option for _, q in quantizers(algorithm))
+    assert len(grads[True]) == 39  # ResNet-18: 20 activation + 19 weight quantizers
+    for name, off in grads[False].items():
+        is_weight = name.endswith("w_quant")
+        signed = is_weight or name == "featurizer.network.conv1.a_quant"  # the image: signed
+        g = lsq_gradient_scale(lsq_n(shapes[name], is_weight), integer_grid(4, signed)[1])
+        assert off != 0, name
+        assert grads[True][name] == pytest.approx(g * off, rel=1e-4), name
 
 
 def test_full_precision_mode_has_no_quantizers(monkeypatch):

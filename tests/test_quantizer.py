@@ -5,15 +5,31 @@ hand-worked examples and central finite differences (float64) for the gradients,
 brute-force search over a much finer grid of scales for the MSE range initialisation.
 """
 
+import copy
 import math
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from domainbed_gaqat.quant.config import QuantConfig, integer_range
 from domainbed_gaqat.quant.lsq import LSQFunction, lsq_quantize
-from domainbed_gaqat.quant.modules import LSQQuantizer
-from domainbed_gaqat.quant.range_init import mse_scale
+from domainbed_gaqat.quant.modules import (
+    LSQQuantizer,
+    QuantConv2d,
+    quantization_disabled,
+    set_quantization,
+)
+from domainbed_gaqat.quant.range_init import lsq_init_scale, mse_scale
+from tests.references import (
+    lsq_autograd,
+    lsq_gradient_scale,
+    lsq_n,
+    mse_brute_force,
+    round_half_even,
+)
 
 BITS = list(range(2, 9))
 KINDS = {  # name -> (signed, is_weight); the stem's input is a signed activation
@@ -285,8 +301,28 @@ def test_mse_scale_grid_is_relative_to_the_tensor(magnitude: float) -> None:
 def test_mse_scale_degenerate_inputs() -> None:
     assert mse_scale(torch.zeros(10), -8, 7).item() == 1.0
     assert mse_scale(-torch.rand(10), 0, 15).item() == 1.0  # nothing above zero to quantize
-    with pytest.raises(ValueError, match="inf/nan"):
-        mse_scale(torch.tensor([1.0, float("nan")]), -8, 7)
+    message = "^cannot initialise a quantizer scale from a tensor with inf/nan values$"
+    for init in (lambda v: mse_scale(v, -8, 7), lambda v: lsq_init_scale(v, 7)):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=message):
+                init(torch.tensor([1.0, bad]))
+
+
+@pytest.mark.parametrize("best_k", [1, 100])
+def test_mse_scale_tries_both_ends_of_its_candidates(best_k: int) -> None:
+    """Where the finest candidate (1% of the range) or the full range is the only error-free
+    or least-error one, it is chosen: a tensor on the full-range grid of a 2-bit signed
+    quantizer, and 10^5 values on the finest grid plus one outlier (clipping the outlier
+    costs less than rounding them all to zero)."""
+    m, upper = 3.0, 1
+    if best_k == 100:
+        v = torch.tensor([-1.0, 0.0, 1.0, 1.0] * 50) * (m / upper)  # codes within [-u, u]
+    else:
+        fine = m / (100 * upper)
+        v = torch.cat([torch.tensor([fine, -fine] * 50000), torch.tensor([m])])
+    candidates, errors = mse_brute_force(v.double().numpy(), -2, 1)
+    assert errors.argmin() == best_k - 1
+    assert mse_scale(v, -2, 1).item() == pytest.approx(candidates[best_k - 1], rel=1e-6)
 
 
 def test_quantizer_initialises_once_from_its_first_input() -> None:
@@ -300,11 +336,159 @@ def test_quantizer_initialises_once_from_its_first_input() -> None:
     assert not bool(quantizer.initialized)
     quantizer(first)
     assert bool(quantizer.initialized)
-    assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
+    candidates, errors = mse_brute_force(first.double().numpy(), 0, 15)
+    calibrated = quantizer.scale.item()
+    assert calibrated == pytest.approx(candidates[errors.argmin()], rel=1e-6)
     quantizer(second)
-    assert quantizer.scale.item() == mse_scale(first, 0, 15).item()
+    assert quantizer.scale.item() == calibrated
 
     restored = LSQQuantizer(QuantConfig(4, False), is_weight=False)
     restored.load_state_dict(quantizer.state_dict(), strict=True)
     restored(second)
     assert restored.scale.item() == quantizer.scale.item()
+
+
+# --- the modules ---------------------------------------------------------------------------
+
+
+def _set(q: LSQQuantizer, scale) -> None:
+    q.load_state_dict({"scale": torch.as_tensor(scale, dtype=q.scale.dtype),
+                       "initialized": torch.tensor(True), "enabled": torch.tensor(True)})
+
+
+@pytest.mark.parametrize("weight, activation", [
+    ("tensor", "unsigned"), ("channel", "unsigned"), (None, "signed"), ("tensor", None)])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_quant_conv_is_conv_of_the_quantized_tensors(weight, activation, padding_mode) -> None:
+    """``QuantConv2d`` = the conv (stride, padding, its mode, dilation, groups, bias, dtype
+    kept) of the LSQ-quantized input and weight (:func:`references.lsq_autograd`), with LSQ's
+    gradient scales (N: one channel's or all weights; one example's features); either
+    quantizer may be absent (the stem's weight, full precision)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=True,
+                     padding_mode=padding_mode).double()
+    w_config = weight and QuantConfig(3, True, granularity=weight)
+    a_config = activation and QuantConfig(4, activation == "signed")
+    qconv = QuantConv2d(conv, w_config, a_config)
+    assert qconv.weight.dtype == torch.float64 and torch.equal(qconv.bias, conv.bias)
+    assert (qconv.w_quant is None) == (weight is None)
+    assert (qconv.a_quant is None) == (activation is None)
+    # dyadic scales: the same in the quantizer's float32 scale and the float64 reference
+    w_scale = torch.arange(8, 14) / 128 if weight == "channel" else 0.0625
+    if weight:
+        _set(qconv.w_quant, w_scale)
+    if activation:
+        _set(qconv.a_quant, 0.25)
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    x_ref, x_got = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = qconv(x_got)
+    out.backward(torch.ones_like(out))
+
+    ref = copy.deepcopy(conv)
+    scales = {}
+    w, inp = ref.weight, x_ref
+    if weight:
+        scales["w"] = torch.as_tensor(w_scale, dtype=torch.float64).clone().requires_grad_()
+        lower, upper = integer_range(3, True)
+        g = lsq_gradient_scale(lsq_n(tuple(w.shape), True, weight == "channel"), upper)
+        s = scales["w"].view(-1, 1, 1, 1) if weight == "channel" else scales["w"]
+        w = lsq_autograd(w, s, lower, upper, g)
+    if activation:
+        scales["a"] = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+        lower, upper = integer_range(4, activation == "signed")
+        g = lsq_gradient_scale(lsq_n(tuple(x.shape), False), upper)
+        inp = lsq_autograd(inp, scales["a"], lower, upper, g)
+    want = ref._conv_forward(inp, w, ref.bias)
+    want.backward(torch.ones_like(want))
+    assert torch.equal(out, want)
+    assert torch.equal(x_got.grad, x_ref.grad)
+    torch.testing.assert_close(qconv.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(qconv.bias.grad, ref.bias.grad)
+    for key, q in (("w", qconv.w_quant), ("a", qconv.a_quant)):
+        if key in scales:
+            assert q.scale.grad.shape == scales[key].shape
+            # the scale is a float32 Parameter: its gradient is stored in float32
+            torch.testing.assert_close(q.scale.grad.double(), scales[key].grad, rtol=1e-6,
+                                       atol=1e-9)
+
+
+def test_integer_codes_and_switching_quantization_off() -> None:
+    """``integers`` are ``clamp(round(v / s), l, u)`` (per channel too); switched off, a
+    quantizer is the identity, and ``quantization_disabled`` restores each one's state."""
+    q = LSQQuantizer(QuantConfig(3, True, granularity="channel"), is_weight=True, channels=2)
+    _set(q, [0.5, 0.25])
+    v = torch.tensor([[-3.0, -0.75, 0.25, 1.4], [0.375, -0.625, 2.0, -0.2]])
+    s = np.array([[0.5], [0.25]])
+    np.testing.assert_array_equal(q.integers(v).detach().numpy(),
+                                  np.clip(round_half_even(v.double().numpy() / s), -4, 3))
+    model = nn.Sequential(q, LSQQuantizer(QuantConfig(2, False), is_weight=False))
+    model[1].set_enabled(False)
+    with quantization_disabled(model):
+        assert torch.equal(model(v), v) and not q._enabled
+    assert q._enabled and bool(q.enabled) and not model[1]._enabled
+    set_quantization(model, True)
+    assert all(bool(m.enabled) and m._enabled for m in model)
+    set_quantization(model, False)
+    assert torch.equal(model(v), v) and not any(bool(m.enabled) for m in model)
+
+
+def test_quantizer_repr_and_checks() -> None:
+    q = LSQQuantizer(QuantConfig(4, True), is_weight=True)
+    assert "(weight, bits=4, grid=[-8, 7], per tensor)" in repr(q)
+    a = LSQQuantizer(QuantConfig(2, False), is_weight=False)
+    assert "(activation, bits=2, grid=[0, 3], per tensor)" in repr(a)
+    channel = QuantConfig(4, True, granularity="channel")
+    for is_weight, channels in ((True, 0), (False, 4), (True, None), (True, 2.0)):
+        with pytest.raises(ValueError, match="per-channel scales are for weights"):
+            LSQQuantizer(channel, is_weight=is_weight, channels=channels)
+    assert LSQQuantizer(channel, is_weight=True, channels=3).scale.shape == (3,)
+
+
+def test_version_1_state_dicts_load_enabled() -> None:
+    """domainbed-gaqat 0.1 saved no ``enabled`` buffer (version 1): it loads as enabled; a
+    version-2 state without it is a missing key; a saved ``enabled`` is kept."""
+    q = LSQQuantizer(QuantConfig(4, False, enabled=False), is_weight=False)
+    old = OrderedDict(scale=torch.tensor(0.5), initialized=torch.tensor(True))
+    old._metadata = {"": {"version": 1}}
+    q.load_state_dict(old, strict=True)
+    assert bool(q.enabled) and q._enabled and q.scale.item() == 0.5
+    kept = OrderedDict(scale=torch.tensor(0.5), initialized=torch.tensor(True),
+                       enabled=torch.tensor(False))
+    kept._metadata = {"": {"version": 1}}
+    q.load_state_dict(kept, strict=True)
+    assert not bool(q.enabled) and not q._enabled
+    new = OrderedDict(scale=torch.tensor(0.5), initialized=torch.tensor(True))
+    new._metadata = {"": {"version": 2}}
+    with pytest.raises(RuntimeError, match="enabled"):
+        q.load_state_dict(new, strict=True)
+
+
+def test_quant_config_checks_name_the_field() -> None:
+    cases = [({"granularity": "row"}, r"granularity 'row': expected one of \('tensor', "
+                                      r"'channel'\)"),
+             ({"range_init": "max"}, r"range_init 'max': expected one of \('mse', 'minmax'\)"),
+             ({"signed": 1}, "signed 1: expected True or False"),
+             ({"grad_scale": "yes"}, "grad_scale 'yes': expected True or False"),
+             ({"enabled": None}, "enabled None: expected True or False")]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            QuantConfig(**{"bits": 4, "signed": True, **change})
+
+
+def test_state_dict_format() -> None:
+    """What a checkpoint holds: the float32 scale (a Parameter, shape () or (C,)) and the
+    ``initialized`` / ``enabled`` flags as bool buffers."""
+    q = LSQQuantizer(QuantConfig(4, True, granularity="channel"), is_weight=True, channels=5)
+    state = q.state_dict()
+    assert list(state) == ["scale", "initialized", "enabled"]
+    assert state["scale"].dtype == torch.float32 and state["scale"].shape == (5,)
+    assert state["initialized"].dtype == state["enabled"].dtype == torch.bool
+    assert isinstance(q.scale, nn.Parameter)
+
+
+def test_lsq_quantize_defaults_to_no_gradient_scale() -> None:
+    v = torch.tensor([0.3, -0.7, 2.2], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    lsq_quantize(v, s, -2, 1).sum().backward()
+    # x = [0.6, -1.4, 4.4]: round(x) - x = 0.4, 0.4 inside; u = 1 above
+    assert s.grad.item() == pytest.approx(0.4 + 0.4 + 1.0)

@@ -181,3 +181,26 @@ def test_frozen_bn_statistics_restores_on_error() -> None:
     assert model.bn.momentum == 0.1
     for key, value in bn_state(model).items():
         assert torch.equal(value, before[key]), key
+
+
+def test_unused_parameters_and_no_scales() -> None:
+    """A weight and a scale the loss does not reach get zero gradients (not None); without
+    scales (full-precision SAGM) both scale gradients are empty. The step still matches the
+    reference on the weights the loss reaches."""
+    model, x, y = make_case(torch.float64, None)
+    weights, scales = split_params(model)
+    unused_w = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    unused_s = nn.Parameter(torch.ones((), dtype=torch.float64))
+    ref = reference(model, x, y)
+    loss, g_task, g_smooth = sagm_step(lambda: F.cross_entropy(model(x), y), model,
+                                       [*weights, unused_w], [*scales, unused_s], RHO, ALPHA)
+    assert torch.equal(unused_w.grad, torch.zeros(3, dtype=torch.float64))
+    assert g_task[-1] == 0 and g_smooth[-1] == 0 and g_task.shape == (3,)
+    torch.testing.assert_close(g_task[:2], ref["g_task"], **tolerance(torch.float64))
+    torch.testing.assert_close(g_smooth[:2], ref["g_smooth"], **tolerance(torch.float64))
+
+    fp = nn.Linear(4, 2).double()
+    data, target = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    _, g_task, g_smooth = sagm_step(lambda: F.cross_entropy(fp(data), target), fp,
+                                    list(fp.parameters()), [], RHO, ALPHA)
+    assert g_task.shape == g_smooth.shape == (0,)

@@ -93,18 +93,5 @@ def lsq_quantize(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int,
     return LSQFunction.apply(v, scale, lower, upper, grad_scale)
 
 
-def lsq_reference(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int,
-                  grad_scale: float = 1.0) -> torch.Tensor:
-    """Plain-autograd LSQ, the reference :func:`lsq_quantize` is tested against: the STE
-    through ``detach`` on ``round(clamp(v / s, l, u))`` and the gradient scale through
-    ``s.detach() + (s - s.detach()) * g``, whose value is exactly ``s``. The clamp passes
-    gradients on the closed range ``[l, u]`` (``torch.clamp``'s own backward excludes the
-    bounds)."""
-    s = scale.detach() + (scale - scale.detach()) * grad_scale
-    x = v / s
-    x = torch.where((x >= lower) & (x <= upper), x, x.detach().clamp(lower, upper))
-    return ((torch.round(x) - x).detach() + x) * s
-
-
 if os.environ.get(COMPILE_ENV) == "1":
     compile_kernels()

@@ -1,0 +1,139 @@
+"""The paper's protocol, pinned (paper sec. 4.1 and 4.3, SPEC section 5): every hyperparameter
+as DomainBed's registry returns it and as every sweep config expands it.
+
+:data:`PAPER` is the one table of values, written from the paper's text; a set is a grid (the
+values searched), anything else a fixed value. Tests read the registry (``default_hparams``,
+``random_hparams`` over many seeds, and after ``.update`` to 3 bits) and the configs
+(``load_config`` and ``plan``: the stage-1 jobs' ``--hparams``, the later stages' resolved
+grids and fixed hparams).
+"""
+
+import json
+
+import pytest
+from domainbed import hparams_registry
+
+from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.experiments.sweep import plan
+from domainbed_gaqat.plugin.algorithms import ALGORITHMS
+
+LR = {1e-5, 3e-5, 5e-5}  # "The search space of learning rate is {1e-5, 3e-5, 5e-5}"
+PAPER = {  # dataset -> hparam -> value or grid; the family that reads it
+    "PACS": {
+        "lr": (LR, None), "resnet_dropout": (0.0, None), "batch_size": (32, None),
+        "weight_decay": (1e-4, None), "resnet18": (False, None), "init": ("moco", None),
+        "rho": (0.05, "sagm"), "alpha": (0.001, "sagm"), "scale_lr": (1e-5, "quant"),
+        "lsq_grad_scale": (True, "quant"), "w_bits": (4, "quant"), "a_bits": (4, "quant"),
+    },
+    "DomainNet": {
+        "lr": (LR, None), "resnet_dropout": (0.0, None), "batch_size": (24, None),
+        "weight_decay": (1e-6, None), "resnet18": (False, None), "init": ("moco", None),
+        "rho": (0.05, "sagm"), "alpha": (0.0005, "sagm"), "scale_lr": (1e-5, "quant"),
+        "lsq_grad_scale": (True, "quant"), "w_bits": (4, "quant"), "a_bits": (4, "quant"),
+    },
+}
+GAQAT_GRIDS = {  # (dataset, bits) -> r and K ("freeze steps") grids
+    ("PACS", 4): {"gaqat_r": {0.28, 0.30, 0.32}, "gaqat_K": {300, 350, 400}},
+    ("PACS", 3): {"gaqat_r": {0.28, 0.30, 0.32}, "gaqat_K": {100, 150, 200}},
+    ("DomainNet", 4): {"gaqat_r": {0.20, 0.25}, "gaqat_K": {3000, 4000}},
+    ("DomainNet", 3): {"gaqat_r": {0.02, 0.03}, "gaqat_K": {200, 300}},
+}
+STEPS = {"PACS": {"fp": 5000, "qat": 20000}, "DomainNet": {"fp": 15000, "qat": 50000}}
+EVAL_FROM = {"PACS": 0, "DomainNet": 45000}  # QAT stages: DomainNet evaluates from 45,000
+TEST_ENVS = {"PACS": [[0], [1], [2], [3]],  # leave one domain out
+             "DomainNet": [[0, 1], [2, 3], [4, 5]]}  # leave one group out
+ABLATION = {"gaqat_r": 0.30, "gaqat_K": 350}  # Table 4; Tables 5 / 6 fix one of them
+CONFIGS = {  # config -> dataset, bits, stages -> algorithms
+    "pacs_w4a4": ("PACS", 4, {"fp": ["ERM_FP"], "qat": ["LSQ", "SAGM_LSQ"], "gaqat": ["GAQAT"]}),
+    "pacs_w3a3": ("PACS", 3, {"fp": ["ERM_FP"], "qat": ["LSQ", "SAGM_LSQ"], "gaqat": ["GAQAT"]}),
+    "domainnet_w4a4": ("DomainNet", 4, {"fp": ["ERM_FP"], "qat": ["LSQ", "SAGM_LSQ"],
+                                        "gaqat": ["GAQAT"]}),
+    "domainnet_w3a3": ("DomainNet", 3, {"fp": ["ERM_FP"], "qat": ["LSQ", "SAGM_LSQ"],
+                                        "gaqat": ["GAQAT"]}),
+    "pacs_ablation": ("PACS", 4, {"fp": ["ERM_FP"], "qat": ["SAGM_LSQ"], "ablation": [
+        "GAQAT_ReverseRatio", "GAQAT_NoUnfreeze", "GAQAT"]}),
+    "pacs_freeze_steps": ("PACS", 4, {"fp": ["ERM_FP"], "qat": ["SAGM_LSQ"],
+                                      "freeze_steps": ["GAQAT"]}),
+    "pacs_threshold": ("PACS", 4, {"fp": ["ERM_FP"], "qat": ["SAGM_LSQ"],
+                                   "threshold": ["GAQAT"]}),
+}
+SEEDS = range(40)
+
+
+def expected(dataset: str, algorithm: str, bits: int = 4) -> dict:
+    """Every pinned hparam of ``algorithm`` on ``dataset``: value or grid."""
+    families = ALGORITHMS[algorithm].families
+    out = {k: v for k, (v, family) in PAPER[dataset].items() if family in (None, *families)}
+    if "gaqat" in families:
+        out.update(GAQAT_GRIDS[dataset, bits])
+    if bits != 4:
+        out.update(w_bits=bits, a_bits=bits)
+    return out
+
+
+def assert_pinned(name: str, drawn: list, want) -> None:
+    """Fixed: every draw equals it. Grid: every draw in it, and every value drawn."""
+    if isinstance(want, set):
+        assert set(drawn) == want, name
+    else:
+        assert all(type(v) is type(want) and v == want for v in drawn), (name, set(drawn))
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER))
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_registry_defaults_and_draws_are_the_papers(algorithm: str, dataset: str) -> None:
+    default = hparams_registry.default_hparams(algorithm, dataset)
+    draws = [hparams_registry.random_hparams(algorithm, dataset, seed) for seed in SEEDS]
+    for name, want in expected(dataset, algorithm).items():
+        value = default[name]
+        assert value in want if isinstance(want, set) else value == want, (name, value)
+        assert_pinned(name, [h[name] for h in draws], want)
+    for h in draws:  # the 3-bit grids once train.py applies --hparams {"w_bits": 3, ...}
+        h.update({"w_bits": 3, "a_bits": 3})
+    default.update({"w_bits": 3, "a_bits": 3})
+    for name, want in expected(dataset, algorithm, bits=3).items():
+        assert_pinned(name, [h[name] for h in draws], want)
+        if isinstance(want, set):
+            assert default[name] in want, name
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sweep_configs_expand_to_the_papers_protocol(name: str, tmp_path) -> None:
+    dataset, bits, algorithms = CONFIGS[name]
+    config = load_config(name)
+    assert config["dataset"] == dataset and config["bits"] == [bits, bits]
+    assert config["test_envs"] == TEST_ENVS[dataset] and config["selection"] == "test"
+    stages = {s["name"]: s for s in config["stages"]}
+    assert {k: s["algorithms"] for k, s in stages.items()} == algorithms
+    for stage_name, spec in stages.items():
+        kind = "fp" if stage_name == "fp" else "qat"
+        assert spec["steps"] == STEPS[dataset][kind], stage_name
+        assert spec["eval_from"] == (0 if kind == "fp" else EVAL_FROM[dataset]), stage_name
+
+    # stage 1: its DomainBed jobs, every --hparams in full
+    fp = plan(config, str(tmp_path / "out"), str(tmp_path / "data"))[0]
+    assert fp.name == "fp" and not fp.blocked
+    hparams = [json.loads(job.train_args["hparams"]) for job in fp.jobs]
+    assert len(fp.jobs) == len(LR) * len(TEST_ENVS[dataset]) * 3  # x 3 trials
+    assert {tuple(job.train_args["test_envs"]) for job in fp.jobs} == {
+        tuple(g) for g in TEST_ENVS[dataset]}
+    for key, want in expected(dataset, "ERM_FP").items():
+        assert_pinned(key, [h[key] for h in hparams], want)
+
+    # later stages: what they search and fix, and what they inherit
+    for stage_name in list(stages)[1:]:
+        spec = stages[stage_name]
+        grid = {k: set(v) for k, v in spec["grid"].items()}
+        if stage_name == "qat":
+            assert grid == {"lr": LR} and "hparams_from" not in spec
+        else:
+            assert spec["hparams_from"] == {"stage": "qat", "algorithm": "SAGM_LSQ",
+                                            "keys": ["lr"]}
+            fixed = {k: v for k, v in spec["hparams"].items() if k.startswith("gaqat_")}
+            full = GAQAT_GRIDS[dataset, bits]
+            want_grid = {"gaqat": full, "ablation": {},
+                         "freeze_steps": {"gaqat_K": full["gaqat_K"]},
+                         "threshold": {"gaqat_r": full["gaqat_r"]}}[stage_name]
+            assert grid == want_grid, stage_name
+            assert fixed == {k: v for k, v in ABLATION.items() if k not in grid}, stage_name
+        assert spec["init_from"] == {"stage": "fp", "algorithm": "ERM_FP"}
