@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DOMAINBED_SRC ?= https://github.com/facebookresearch/DomainBed.git
 
-.PHONY: setup demo test bench mutation
+.PHONY: setup demo test test-fast test-paper bench mutation mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,18 @@ setup: $(VENV)/.domainbed
 demo: setup
 	$(PY) -m domainbed_gaqat demo
 
+# The whole suite but the paper configs (the Slurm tests included: they start a one-node
+# cluster on loopback, as root); test-fast is the edit-run loop (no subprocess-heavy tests);
+# test-paper runs every paper config end to end on tiny image folders (about 15 minutes).
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not paper"
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not paper"
+
+test-paper: setup
+	$(PY) -m pytest -q -m paper
 
 bench: setup
 	$(PY) -m domainbed_gaqat bench

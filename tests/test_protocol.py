@@ -11,9 +11,9 @@ grids and fixed hparams).
 import json
 
 import pytest
-from domainbed import hparams_registry
+from domainbed import datasets, hparams_registry
 
-from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.experiments.configs import config_names, load_config
 from domainbed_gaqat.experiments.sweep import plan
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
@@ -32,6 +32,13 @@ PAPER = {  # dataset -> hparam -> value or grid; the family that reads it
         "lsq_grad_scale": (True, "quant"), "w_bits": (4, "quant"), "a_bits": (4, "quant"),
     },
 }
+OWN = {  # the seed systems' own settings (SPEC section 9), over the shared protocol above
+    "QTDoG": {"weight_decay": 0.0, "w_bits": 7, "w_per_channel": True, "quant_start": 2000,
+              "quant_stem_weight": False, "qtdog_release": False, "scale_lr": 1e-5,
+              "lsq_grad_scale": True},  # weight-only 7-bit per-channel LSQ from step 2000
+    "SAQ": {"rho": {0.05, 0.1, 0.3, 0.4}},  # SAM radius 0.1 by default, 0.3-0.4 on ImageNet
+}
+OWN_DEFAULTS = {("SAQ", "rho"): 0.1}
 GAQAT_GRIDS = {  # (dataset, bits) -> r and K ("freeze steps") grids
     ("PACS", 4): {"gaqat_r": {0.28, 0.30, 0.32}, "gaqat_K": {300, 350, 400}},
     ("PACS", 3): {"gaqat_r": {0.28, 0.30, 0.32}, "gaqat_K": {100, 150, 200}},
@@ -64,10 +71,13 @@ def expected(dataset: str, algorithm: str, bits: int = 4) -> dict:
     """Every pinned hparam of ``algorithm`` on ``dataset``: value or grid."""
     families = ALGORITHMS[algorithm].families
     out = {k: v for k, (v, family) in PAPER[dataset].items() if family in (None, *families)}
+    out.update(OWN.get(algorithm, {}))
     if "gaqat" in families:
         out.update(GAQAT_GRIDS[dataset, bits])
     if bits != 4:
         out.update(w_bits=bits, a_bits=bits)
+    if "qtdog" in families:
+        out.pop("a_bits", None)  # weight-only: no activation quantizer to pin
     return out
 
 
@@ -87,6 +97,7 @@ def test_registry_defaults_and_draws_are_the_papers(algorithm: str, dataset: str
     for name, want in expected(dataset, algorithm).items():
         value = default[name]
         assert value in want if isinstance(want, set) else value == want, (name, value)
+        assert value == OWN_DEFAULTS.get((algorithm, name), value), (name, value)
         assert_pinned(name, [h[name] for h in draws], want)
     for h in draws:  # the 3-bit grids once train.py applies --hparams {"w_bits": 3, ...}
         h.update({"w_bits": 3, "a_bits": 3})
@@ -137,3 +148,55 @@ def test_sweep_configs_expand_to_the_papers_protocol(name: str, tmp_path) -> Non
             assert grid == want_grid, stage_name
             assert fixed == {k: v for k, v in ABLATION.items() if k not in grid}, stage_name
         assert spec["init_from"] == {"stage": "fp", "algorithm": "ERM_FP"}
+
+
+QTDOG_CONFIGS = {"qtdog_pacs": ("PACS", 5001), "qtdog_vlcs": ("VLCS", 5001),
+                 "qtdog_officehome": ("OfficeHome", 5001),
+                 "qtdog_terra": ("TerraIncognita", 5001), "qtdog_domainnet": ("DomainNet", 15001)}
+QTDOG_RUN = {"lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0,
+             "init": "torchvision", "w_bits": 7, "w_per_channel": True, "quant_start": 2000}
+
+
+@pytest.mark.parametrize("name", sorted(QTDOG_CONFIGS))
+def test_qtdog_configs_expand_to_its_protocol(name: str, tmp_path) -> None:
+    """QT-DoG's Table 1 protocol (SPEC section 9): leave-one-domain-out, 3 trials x 5 members,
+    training-domain validation, 5,001 steps (DomainNet 15,001), Adam 5e-5, no weight decay,
+    7-bit per-channel weights from step 2,000, ImageNet init."""
+    dataset, steps = QTDOG_CONFIGS[name]
+    config = load_config(name)
+    n_envs = len(datasets.get_dataset_class(dataset).ENVIRONMENTS)
+    assert (config["dataset"], config["bits"], config["selection"]) == (dataset, [7], "train")
+    assert config["test_envs"] == [[e] for e in range(n_envs)] and config["trials"] == 3
+    [stage] = config["stages"]
+    assert (stage["algorithms"], stage["steps"], stage["members"]) == (["QTDoG"], steps, 5)
+    [planned] = plan(config, str(tmp_path / "out"), str(tmp_path / "data"))
+    assert len(planned.jobs) == n_envs * 3 * 5
+    assert len({job.train_args["seed"] for job in planned.jobs}) == len(planned.jobs)
+    for job in planned.jobs:
+        assert job.train_args["steps"] == steps
+        hparams = json.loads(job.train_args["hparams"])
+        assert {k: hparams[k] for k in QTDOG_RUN} == QTDOG_RUN
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_every_qat_method_config_adds_rows_to_the_papers(bits: int, tmp_path) -> None:
+    """``pacs_qat_w{b}a{b}``: the GAQAT protocol's stages with SAQ searched next to LSQ and
+    SAGM+LSQ, and QT-DoG quantized from its first step off the same ERM model."""
+    config, paper = load_config(f"pacs_qat_w{bits}a{bits}"), load_config(f"pacs_w{bits}a{bits}")
+    stages = {s["name"]: s for s in config["stages"]}
+    assert stages["qat"]["algorithms"] == ["LSQ", "SAGM_LSQ", "SAQ"]
+    assert stages["qtdog"]["algorithms"] == ["QTDoG"]
+    assert stages["qtdog"]["hparams"]["quant_start"] == 0
+    assert set(stages["qtdog"]["grid"]["lr"]) == LR
+    assert stages["qtdog"]["init_from"] == {"stage": "fp", "algorithm": "ERM_FP"}
+    for spec in paper["stages"]:
+        mine = dict(stages[spec["name"]])
+        if spec["name"] == "qat":
+            mine["algorithms"] = spec["algorithms"]
+        assert mine == spec, spec["name"]
+
+
+def test_every_sweep_config_is_pinned() -> None:
+    """A new config in sweeps/ gets its protocol pinned here."""
+    assert set(config_names()) - {"demo"} == set(CONFIGS) | set(QTDOG_CONFIGS) | {
+        "pacs_qat_w4a4", "pacs_qat_w3a3"}
