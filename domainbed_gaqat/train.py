@@ -19,6 +19,8 @@ that for the same arguments the records are train.py's (timing aside). In additi
   read with ``weights_only=True``.
 - ``--eval_from N`` skips the evaluations (and records) of checkpoints before step N; the last
   step is always evaluated (the paper evaluates DomainNet's QAT only from step 45,000 on).
+- ``--member M`` marks an ensemble member (a sweep stage's ``members``: the same job with
+  another seed); recorded, it tells members apart from a grid point a random search drew twice.
 
 The replay reads each batch once more: resuming at step s costs the data loading of s steps.
 """
@@ -43,7 +45,7 @@ RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
 SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 # not DomainBed's arguments: recorded only when they change the results
-OWN_ARGS = {"save_every": None, "eval_from": 0}
+OWN_ARGS = {"save_every": None, "eval_from": 0, "member": 0}
 
 
 def add_arguments(parser) -> None:
@@ -74,11 +76,14 @@ def add_arguments(parser) -> None:
                         help="write the resume state every N steps (0: only on SIGTERM/SIGUSR2)")
     parser.add_argument("--eval_from", type=int, default=0,
                         help="skip the evaluations of checkpoints before this step")
+    parser.add_argument("--member", type=int, default=0,
+                        help="ensemble member index (a sweep stage's `members`; its seed "
+                             "differs): recorded, so that tables and EoQ tell members apart")
 
 
 def recorded_args(args) -> dict:
     """``vars(args)`` as records hold them: DomainBed's arguments, and this entry's own only
-    where they change what the run computes (``--eval_from`` > 0)."""
+    where they change the run (``--eval_from`` or ``--member`` > 0)."""
     return {k: v for k, v in vars(args).items()
             if k not in OWN_ARGS or (OWN_ARGS[k] is not None and v != OWN_ARGS[k])}
 
@@ -245,7 +250,7 @@ def _print_environment(args) -> None:
 
 
 def run(args) -> int:
-    for name in ("save_every", "eval_from"):
+    for name in ("save_every", "eval_from", "member"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} {getattr(args, name)}: expected an integer >= 0")
     os.makedirs(args.output_dir, exist_ok=True)

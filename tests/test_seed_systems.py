@@ -2,10 +2,13 @@
 from a start step, its release's behaviour behind a flag), SAQ (case 3) and EoQ."""
 
 import copy
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from domainbed_gaqat.optim.saq import saq_step
 from domainbed_gaqat.quant.config import QuantConfig
 from domainbed_gaqat.quant.modules import QuantConv2d, quantizers
 from domainbed_gaqat.quant.range_init import mse_scale
+from tests.references import choose_reference
 
 SHAPE, CLASSES, DOMAINS = (3, 32, 32), 10, 5
 
@@ -334,6 +338,7 @@ def test_members_must_differ_only_in_seed(members, capsys):
 
 def test_sweep_members_differ_only_in_seed(tmp_path):
     from domainbed_gaqat.experiments.configs import load_config
+    from domainbed_gaqat.experiments.results import identity
     from domainbed_gaqat.experiments.sweep import plan
 
     stage = plan(load_config("qtdog_pacs"), tmp_path, tmp_path)[0]
@@ -345,6 +350,9 @@ def test_sweep_members_differ_only_in_seed(tmp_path):
     for cell in by_cell.values():
         assert len(cell) == 5 and len({a["hparams"] for a in cell}) == 1
         assert len({a["seed"] for a in cell}) == 5 and len({a["hparams_seed"] for a in cell}) == 5
+        assert sorted(a.get("member", 0) for a in cell) == list(range(5))
+        # found on disk by what they recorded: five runs, not one job repeated
+        assert len({identity(a, json.loads(a["hparams"])) for a in cell}) == 5
     hp = json.loads(stage.jobs[0].train_args["hparams"])
     assert (hp["w_bits"], hp["quant_start"], hp["init"], hp["batch_size"]) == (
         7, 2000, "torchvision", 32)
@@ -369,3 +377,39 @@ def test_qtdog_exports_per_channel_int8_weights(members, tmp_path):
     assert codes.dtype == np.int8 and codes.min() >= -64 and codes.max() <= 63
     assert init["layer1.0.conv1.w_scale"].shape == (codes.shape[0],)
     assert not any(n.op_type == "QuantizeLinear" for n in graph.node)  # no activation Q/DQ
+
+
+@pytest.mark.slow
+def test_member_sweep_moved_then_eoq_and_tables(tmp_path, capsys):
+    """A stage with ``members`` (qtdog_pacs on RotatedDigits: 3 members of one job, 3 steps)
+    through gaqat sweep, its tree then moved: gaqat ensemble --config finds three runs (not one
+    job three times), and gaqat tables counts each member as a trial of the QTDoG row, next to
+    the EoQ row."""
+    config = tmp_path / "tiny_qtdog.py"
+    config.write_text("SWEEP = " + repr({
+        "extends": "qtdog_pacs", "dataset": "RotatedDigits", "test_envs": [[5]], "trials": 1,
+        "hparams": {"batch_size": 4},
+        "stages": [{"name": "qtdog", "steps": 3, "checkpoint_freq": 3, "members": 3,
+                    "hparams": {"init": "none", "quant_start": 1}}]}) + "\n")
+    out, moved = tmp_path / "out", tmp_path / "moved"
+    assert gaqat("sweep", "launch", str(config), "--output_dir", str(out), "--data_dir",
+                 str(tmp_path), "--command_launcher", "local", "--skip_confirmation") == 0
+    out.rename(moved)
+    assert gaqat("ensemble", "--config", str(config), "--output_dir", str(moved),
+                 "--json_dir", str(tmp_path / "eoq")) == 0
+    [eoq] = list((tmp_path / "eoq").glob("*.json"))
+    members = json.loads(eoq.read_text())["members"]
+    assert len(set(members)) == 3 and all(str(moved) in m for m in members)
+
+    capsys.readouterr()
+    assert gaqat("tables", str(config), "--output_dir", str(moved), "--format", "csv",
+                 "--ensembles", str(eoq)) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    rows = table[table.domain != "Avg"].set_index("algorithm")
+    assert rows.loc["QTDoG", "n_trials"] == 3 and rows.loc["QTDoG+EoQ", "n_trials"] == 1
+    records = {m: [json.loads(line) for line in
+                   (Path(m).parent / "results.jsonl").read_text().splitlines()] for m in members}
+    assert sorted(r[0]["args"].get("member", 0) for r in records.values()) == [0, 1, 2]
+    chosen = [choose_reference([(m, r, 0)], "train")[1] for m, r in records.items()]
+    assert rows.loc["QTDoG", "test_mean"] == pytest.approx(
+        100 * np.mean([r["env5_in_acc"] for r in chosen]), abs=1e-4)

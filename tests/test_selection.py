@@ -259,3 +259,29 @@ def test_print_tables_arguments(tmp_path, capsys) -> None:
             gaqat("tables", "--input_dir", str(tmp_path), *bad)
         assert exit_info.value.code == 2
         assert "invalid choice" in capsys.readouterr().err
+
+
+def test_members_are_repetitions_and_redrawn_points_alternatives() -> None:
+    """Two grid points x three ensemble members (``args.member``): each member is a trial of
+    the row, chosen among its own grid points; the same runs without member indices (a random
+    search that drew each point three times) make one choice among all six."""
+    acc = {(0, 1e-5): (0.5, 0.25), (0, 3e-5): (0.75, 0.5), (1, 1e-5): (0.875, 1.0),
+           (1, 3e-5): (0.625, 0.0), (2, 1e-5): (0.25, 0.125), (2, 3e-5): (0.375, 0.75)}
+
+    def entries(marked: bool) -> list[tuple[Run, int]]:
+        out = []
+        for (m, lr), (test_out, test_in) in acc.items():
+            record = _record(0, test_out, 0.5, test_in)
+            record["args"] = {**record["args"], "algorithm": "QTDoG", "seed": 10 * m + (lr > 2e-5),
+                              **({"member": m} if marked and m else {})}
+            record["hparams"] = {"w_bits": 7, "lr": lr}
+            out.append((Run(f"/sweep/{m}{lr}", [record], True), 0))
+        return out
+
+    cells = tables.select_cells(entries(True), "test", [])
+    want = sorted(100 * max((acc[m, lr] for lr in (1e-5, 3e-5)), key=lambda a: a[0])[1]
+                  for m in range(3))
+    assert sorted(c["tests"][0] for c in cells) == want == [50.0, 75.0, 100.0]
+    assert len({c["trial"] for c in cells}) == 3
+    [alone] = tables.select_cells(entries(False), "test", [])
+    assert alone["tests"][0] == 100 * max(acc.values(), key=lambda a: a[0])[1]

@@ -22,7 +22,7 @@ RUN_FILES = ("results.jsonl", "done", "out.txt", "err.txt")
 JOB_HASH = re.compile(r"[0-9a-f]{32}")  # DomainBed's Job folder name: md5 of the train args
 # train arguments that say what a run is (not where it is, nor seeds hashed from paths)
 IDENTITY_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "steps", "checkpoint_freq",
-                 "holdout_fraction", "task", "eval_from")
+                 "holdout_fraction", "task", "eval_from", "member")
 PATH_HPARAMS = ("init_path",)
 
 

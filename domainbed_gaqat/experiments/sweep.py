@@ -95,7 +95,7 @@ def train_args(config: dict, spec: dict, algorithm: str, test_envs: list[int], t
             "hparams_seed": hparams_seed, "data_dir": data_dir, "task": "domain_generalization",
             "trial_seed": trial, "hparams": json.dumps(hparams, sort_keys=True),
             "seed": misc.seed_hash(config["dataset"], algorithm, test_envs, hparams_seed, trial),
-            **steps}
+            **steps, **({"member": member} if member else {})}
 
 
 def _hparams(config: dict, spec: dict, algorithm: str, inherited: dict, point: dict) -> dict:

@@ -41,17 +41,14 @@ def row_of(run: Run, split_by: list[str]) -> tuple:
 
 
 def repetitions(candidates: list[tuple[Run, int]]) -> list[list[tuple[Run, int]]]:
-    """A cell's candidates as repetitions: runs with the same hparams (ensemble members,
-    differing only in seed) are repetitions of one grid point; the m-th repetition takes each
-    grid point's m-th run by seed. Without repeated hparams: the cell itself."""
-    points: dict[str, list] = defaultdict(list)
+    """A cell's candidates as repetitions: ensemble members (runs recorded with ``--member``,
+    a sweep stage's ``members``) are repetitions of the cell, the m-th holding every grid
+    point's member m. Runs with equal hparams but no member index (a random search drew a
+    point twice) stay alternatives of one choice."""
+    by_member: dict[int, list] = defaultdict(list)
     for run, eval_from in candidates:
-        hparams = {k: v for k, v in run.hparams.items() if k != "init_path"}
-        points[json.dumps(hparams, sort_keys=True)].append((run, eval_from))
-    if all(len(p) == 1 for p in points.values()):
-        return [candidates]
-    ordered = [sorted(p, key=lambda c: c[0].args.get("seed", 0)) for p in points.values()]
-    return [[p[m] for p in ordered if len(p) > m] for m in range(max(map(len, ordered)))]
+        by_member[run.args.get("member", 0)].append((run, eval_from))
+    return [by_member[m] for m in sorted(by_member)]
 
 
 def select_cells(entries: list[tuple[Run, int]], rule: str, split_by: list[str]) -> list[dict]:
