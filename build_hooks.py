@@ -1,9 +1,9 @@
 """Build hooks that install ``domainbed_gaqat.pth`` into site-packages.
 
 The ``.pth`` file runs :mod:`domainbed_gaqat._startup` in every interpreter, so the
-processes that DomainBed's sweep starts see the plugin without editing DomainBed
-(SPEC section 6). setuptools installs no top-level ``.pth`` on its own: ``build_py``
-covers ``pip install .``, ``editable_wheel`` covers ``pip install -e .``.
+processes that DomainBed's sweep starts see the plugin without editing DomainBed. setuptools
+installs no top-level ``.pth`` on its own: ``build_py`` covers ``pip install .``,
+``editable_wheel`` covers ``pip install -e .``.
 """
 
 import shutil

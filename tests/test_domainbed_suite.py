@@ -1,4 +1,4 @@
-"""DomainBed's own CPU-runnable tests still pass with the plugin installed (SPEC section 6)."""
+"""DomainBed's own CPU-runnable tests still pass with the plugin installed."""
 
 import re
 import sys

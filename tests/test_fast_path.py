@@ -1,4 +1,4 @@
-"""The fast quantized step against its reference paths (issue 6).
+"""The fast quantized step against its reference paths (docs/performance.md).
 
 Tolerances: quantized outputs are bit-identical (``torch.equal``) between the fused autograd
 Function, its compiled kernels and the plain-autograd reference

@@ -1,4 +1,4 @@
-"""The LSQ update step (SPEC sections 1, 6, 7): optimizer param groups, every parameter trained,
+"""The LSQ update step (paper sec. 2.1 and 4.1): optimizer param groups, every parameter trained,
 scales at their own learning rate, each update exactly an Adam step on the batch loss, and
 ``update()`` returns plain floats."""
 

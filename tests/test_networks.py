@@ -1,4 +1,4 @@
-"""The shared featurizer (SPEC section 2): quantization policy, frozen BatchNorm, initialisation
+"""The shared featurizer (paper sec. 4.1): quantization policy, frozen BatchNorm, initialisation
 from checkpoints built here (MoCo-v2 style, DomainBed ``model.pkl``, torchvision hub cache),
 clear errors for wrong files, and ``state_dict`` round-trips."""
 

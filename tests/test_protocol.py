@@ -1,4 +1,4 @@
-"""The paper's protocol, pinned (paper sec. 4.1 and 4.3, SPEC section 5): every hyperparameter
+"""The paper's protocol, pinned (paper sec. 4.1 and 4.3): every hyperparameter
 as DomainBed's registry returns it and as every sweep config expands it.
 
 :data:`PAPER` is the one table of values, written from the paper's text; a set is a grid (the
@@ -32,7 +32,7 @@ PAPER = {  # dataset -> hparam -> value or grid; the family that reads it
         "lsq_grad_scale": (True, "quant"), "w_bits": (4, "quant"), "a_bits": (4, "quant"),
     },
 }
-OWN = {  # the seed systems' own settings (SPEC section 9), over the shared protocol above
+OWN = {  # the seed systems' own settings (their public releases), over the shared protocol above
     "QTDoG": {"weight_decay": 0.0, "w_bits": 7, "w_per_channel": True, "quant_start": 2000,
               "quant_stem_weight": False, "qtdog_release": False, "scale_lr": 1e-5,
               "lsq_grad_scale": True},  # weight-only 7-bit per-channel LSQ from step 2000
@@ -159,7 +159,7 @@ QTDOG_RUN = {"lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout"
 
 @pytest.mark.parametrize("name", sorted(QTDOG_CONFIGS))
 def test_qtdog_configs_expand_to_its_protocol(name: str, tmp_path) -> None:
-    """QT-DoG's Table 1 protocol (SPEC section 9): leave-one-domain-out, 3 trials x 5 members,
+    """QT-DoG's Table 1 protocol (its public release): leave-one-domain-out, 3 trials x 5 members,
     training-domain validation, 5,001 steps (DomainNet 15,001), Adam 5e-5, no weight decay,
     7-bit per-channel weights from step 2,000, ImageNet init."""
     dataset, steps = QTDOG_CONFIGS[name]

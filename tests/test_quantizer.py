@@ -1,4 +1,4 @@
-"""LSQ fake quantizer (SPEC section 1): forward grid, gradients, gradient scale, MSE init, bits.
+"""LSQ fake quantizer (paper sec. 2.1): forward grid, gradients, gradient scale, MSE init, bits.
 
 References are independent of the implementation: a nearest-level search for the forward pass,
 hand-worked examples and central finite differences (float64) for the gradients, and a

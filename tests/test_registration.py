@@ -1,4 +1,4 @@
-"""Registration into DomainBed without editing it (SPEC section 6), in fresh interpreters.
+"""Registration into DomainBed without editing it, in fresh interpreters.
 
 Throwaway venvs get the plugin by ``pip install .`` and ``pip install -e .`` (from a copy of
 the project) and see torch and DomainBed through a plain path ``.pth`` (path entries only, so

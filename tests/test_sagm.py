@@ -1,4 +1,4 @@
-"""The SAGM step (SPEC section 3; paper sec. 2.2 and Eq. 1) against a plain-autograd reference.
+"""The SAGM step (paper sec. 2.2 and Eq. 1) against a plain-autograd reference.
 
 The reference is computed on a deep copy of a tiny model (conv -> BatchNorm in *train* mode ->
 ReLU -> activation quantizer -> linear with a weight quantizer) with ``torch.autograd.grad``:

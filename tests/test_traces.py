@@ -19,8 +19,8 @@ STEPS, EVERY, K = 4, 2, 2
 
 
 def _reference_grads(ref, alg, minibatches) -> tuple[torch.Tensor, torch.Tensor]:
-    """``g_task`` and ``g_smooth`` of the scales, recomputed from SPEC section 3 on a copy:
-    clean pass; latent weights moved by ``g * (rho / ||g|| - alpha)``; perturbed pass."""
+    """``g_task`` and ``g_smooth`` of the scales, recomputed from the SAGM step (paper Eq. 1) on a
+    copy: clean pass; latent weights moved by ``g * (rho / ||g|| - alpha)``; perturbed pass."""
     ref.load_state_dict(alg.state_dict())
     ref.train()
     x = torch.cat([x for x, _ in minibatches])

@@ -1,4 +1,4 @@
-"""The plugin's algorithms through DomainBed's real ``train.py`` (SPEC sections 3, 4 and 6), the
+"""The plugin's algorithms through DomainBed's real ``train.py`` (paper sec. 2.2 and 3.3), the
 reload of ``model.pkl`` with the GAQAT freeze schedule (Algorithm 1), and CPU determinism."""
 
 import copy
