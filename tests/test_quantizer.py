@@ -438,8 +438,9 @@ def test_quantizer_repr_and_checks() -> None:
     a = LSQQuantizer(QuantConfig(2, False), is_weight=False)
     assert "(activation, bits=2, grid=[0, 3], per tensor)" in repr(a)
     channel = QuantConfig(4, True, granularity="channel")
+    message = "^per-channel scales are for weights and need their number of output channels"
     for is_weight, channels in ((True, 0), (False, 4), (True, None), (True, 2.0)):
-        with pytest.raises(ValueError, match="per-channel scales are for weights"):
+        with pytest.raises(ValueError, match=message):
             LSQQuantizer(channel, is_weight=is_weight, channels=channels)
     assert LSQQuantizer(channel, is_weight=True, channels=3).scale.shape == (3,)
 

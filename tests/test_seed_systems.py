@@ -251,6 +251,28 @@ def test_saq_step_against_an_autograd_reference():
     assert model.conv.weight_offset is None
 
 
+def test_saq_step_with_an_unused_parameter():
+    """A trainable parameter the loss does not reach (no ``.grad``): it counts as a zero
+    gradient, so the step equals the one without it, and its gradient is zero or absent."""
+    torch.manual_seed(0)
+    model = Tiny().double()
+    x, y = torch.rand(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    model(x)
+    twin = copy.deepcopy(model)
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def step(m, extra):
+        others = [m.bn.weight, m.bn.bias, m.fc.weight, m.fc.bias]
+        saq_step(lambda: F.cross_entropy(m(x), y), m, [m.conv], [*others, *extra],
+                 [m.conv.w_quant.scale, m.conv.a_quant.scale], 0.3)
+        return [p.grad for p in m.parameters()]
+
+    for a, b in zip(step(model, [unused]), step(twin, [])):
+        assert torch.equal(a, b)
+    assert unused.grad is None or not unused.grad.any()
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
+
+
 def test_saq_algorithm_defaults_and_grid():
     from domainbed import hparams_registry
 

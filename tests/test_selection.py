@@ -219,6 +219,19 @@ def test_latex_layout_with_a_split_column() -> None:
         r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", ""])
 
 
+@pytest.mark.parametrize("fmt, title", [("markdown", "### "), ("latex", "% ")])
+def test_one_table_per_dataset_in_name_order(fmt: str, title: str) -> None:
+    """A VLCS run next to the PACS ones: PACS's table unchanged, then VLCS's."""
+    vlcs = _pacs_run("/v/0", "ERM_FP", {}, 0, 0.5, 0.75)
+    for record in vlcs.records:
+        record["args"] = {**record["args"], "dataset": "VLCS"}
+    cells = tables.select_cells([(run, 0) for run in [vlcs, *LAYOUT]], "test", [])
+    text = tables.render(tables.summarize(cells, [])[0], [], fmt, "test")
+    assert text.startswith(_render(fmt, []))
+    assert [line for line in text.splitlines() if line.startswith(title)] == [
+        f"{title}{d}, model selection: {RULES['test']}" for d in ("PACS", "VLCS")]
+
+
 def test_csv_layout() -> None:
     lines = _render("csv", []).splitlines()
     assert lines[0] == "dataset,algorithm,bits,domain,val_mean,val_se,test_mean,test_se,n_trials"
@@ -282,6 +295,7 @@ def test_members_are_repetitions_and_redrawn_points_alternatives() -> None:
     want = sorted(100 * max((acc[m, lr] for lr in (1e-5, 3e-5)), key=lambda a: a[0])[1]
                   for m in range(3))
     assert sorted(c["tests"][0] for c in cells) == want == [50.0, 75.0, 100.0]
+    assert {c["row"] for c in cells} == {("QTDoG", "7/FP")}  # weight-only: W/FP
     assert len({c["trial"] for c in cells}) == 3
     [alone] = tables.select_cells(entries(False), "test", [])
     assert alone["tests"][0] == 100 * max(acc.values(), key=lambda a: a[0])[1]
