@@ -12,6 +12,7 @@ from domainbed_gaqat import bench, cli
 from domainbed_gaqat.experiments import outputs
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_ratio(tmp_path):
     out = tmp_path / "bench.json"
     proc = run([PYTHON, "-m", "domainbed_gaqat.bench", "--quick", "--threads", "1",

@@ -127,6 +127,7 @@ def test_compiled_kernels_are_shared_by_weights_of_every_shape():
     assert graphs[-1] == graphs[0], graphs  # the first shape compiled them; the rest reuse
 
 
+@pytest.mark.slow
 def test_compile_environment_switch():
     code = ("from domainbed_gaqat.quant import lsq as q; "
             "assert q._kernels.forward is not q._forward, 'not compiled'")
