@@ -36,6 +36,7 @@ import time
 import numpy as np
 import torch
 
+from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.plugin.checkpoints import algorithm_class, read_weights
 from domainbed_gaqat.plugin.data import split_envs
@@ -50,35 +51,27 @@ OWN_ARGS = {"save_every": None, "eval_from": 0, "member": 0}
 
 def add_arguments(parser) -> None:
     """DomainBed train.py's arguments (names, defaults), then this entry's own."""
-    parser.add_argument("--data_dir", type=str)
-    parser.add_argument("--dataset", type=str, default="RotatedMNIST")
-    parser.add_argument("--algorithm", type=str, default="ERM")
-    parser.add_argument("--task", type=str, default="domain_generalization",
-                        choices=["domain_generalization", "domain_adaptation"])
-    parser.add_argument("--hparams", type=str, help="JSON-serialized hparams dict")
-    parser.add_argument("--hparams_seed", type=int, default=0,
-                        help='seed for random hparams (0 means "default hparams")')
-    parser.add_argument("--trial_seed", type=int, default=0,
-                        help="trial number (seeds split_dataset and random_hparams)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for everything else")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="number of steps (default: the dataset's)")
-    parser.add_argument("--checkpoint_freq", type=int, default=None,
-                        help="checkpoint every N steps (default: the dataset's)")
-    parser.add_argument("--test_envs", type=int, nargs="+", default=[0])
-    parser.add_argument("--output_dir", type=str, default="train_output")
-    parser.add_argument("--holdout_fraction", type=float, default=0.2)
-    parser.add_argument("--uda_holdout_fraction", type=float, default=0,
-                        help="for domain adaptation, %% of test to use unlabeled for training")
-    parser.add_argument("--skip_model_save", action="store_true")
-    parser.add_argument("--save_model_every_checkpoint", action="store_true")
-    parser.add_argument("--save_every", type=int, default=500,
-                        help="write the resume state every N steps (0: only on SIGTERM/SIGUSR2)")
-    parser.add_argument("--eval_from", type=int, default=0,
-                        help="skip the evaluations of checkpoints before this step")
-    parser.add_argument("--member", type=int, default=0,
-                        help="ensemble member index (a sweep stage's `members`; its seed "
-                             "differs): recorded, so that tables and EoQ tell members apart")
+    options.run(parser)
+    group = parser.add_argument_group("training (as domainbed.scripts.train)")
+    group.add_argument("--task", default="domain_generalization",
+                       choices=["domain_generalization", "domain_adaptation"])
+    group.add_argument("--steps", type=int, default=None,
+                       help="number of steps (default: the dataset's)")
+    group.add_argument("--checkpoint_freq", type=int, default=None,
+                       help="checkpoint every N steps (default: the dataset's)")
+    group.add_argument("--output_dir", default="train_output")
+    group.add_argument("--uda_holdout_fraction", type=float, default=0,
+                       help="for domain adaptation, %% of test to use unlabeled for training")
+    group.add_argument("--skip_model_save", action="store_true")
+    group.add_argument("--save_model_every_checkpoint", action="store_true")
+    own = parser.add_argument_group("this entry's own")
+    own.add_argument("--save_every", type=int, default=500,
+                     help="write the resume state every N steps (0: only on SIGTERM/SIGUSR2)")
+    own.add_argument("--eval_from", type=int, default=0,
+                     help="skip the evaluations of checkpoints before this step")
+    own.add_argument("--member", type=int, default=0,
+                     help="ensemble member index (a sweep stage's `members`; its seed differs): "
+                          "recorded, so that tables and EoQ tell members apart")
 
 
 def recorded_args(args) -> dict:
