@@ -4,10 +4,13 @@ A quantizer is built from a :class:`~domainbed_gaqat.quant.config.QuantConfig`; 
 switched off and on (:func:`set_quantization`, :func:`quantization_disabled`): off, it is the
 exact identity. Scales are ``nn.Parameter`` s from construction on and the ``initialized`` /
 ``enabled`` flags are buffers, so ``state_dict`` round-trips with ``strict=True`` in every state.
+Everything is created on the device it is asked for (a :class:`QuantConv2d`: its conv's), scales
+stay float32 when a model is cast to 16 bits (:class:`~.precision.Float32State`), and no step
+synchronises with the host, range initialisation included (:func:`check_initialization`).
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,18 +18,24 @@ from torch import nn
 
 from domainbed_gaqat.quant.config import QuantConfig
 from domainbed_gaqat.quant.lsq import lsq_quantize
-from domainbed_gaqat.quant.range_init import lsq_init_scale, mse_scale
+from domainbed_gaqat.quant.precision import Float32State
+from domainbed_gaqat.quant.range_init import FiniteCheck, lsq_init_scale, mse_scale
+
+INIT_ERROR = "cannot initialise a quantizer scale from a tensor with inf/nan values"
 
 
-class LSQQuantizer(nn.Module):
+class LSQQuantizer(Float32State):
     """LSQ fake quantizer of one tensor (paper sec. 2.1): a weight (``is_weight``, per tensor,
     or per output channel with ``channels`` scales) or a layer input (per tensor).
 
     The scale is set by ``config.range_init`` on the first forward while enabled: for weights
-    from the weights, for activations from the first (training) batch.
+    from the weights, for activations from the first (training) batch. A tensor with inf/nan
+    values is an error (``ValueError``), raised as soon as the host can tell without waiting
+    for the device: in that forward on the CPU, later on a GPU (:func:`check_initialization`).
     """
 
-    def __init__(self, config: QuantConfig, is_weight: bool, channels: int | None = None) -> None:
+    def __init__(self, config: QuantConfig, is_weight: bool, channels: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         per_channel = config.granularity == "channel"
         if per_channel and not (is_weight and isinstance(channels, int) and channels >= 1):
@@ -34,10 +43,11 @@ class LSQQuantizer(nn.Module):
                              f"output channels (is_weight={is_weight}, channels={channels!r})")
         self.config, self.is_weight = config, is_weight
         self.lower, self.upper = config.bounds
-        self.scale = nn.Parameter(torch.ones(channels if per_channel else ()))
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("enabled", torch.tensor(config.enabled))
+        self.scale = nn.Parameter(torch.ones(channels if per_channel else (), device=device))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self.register_buffer("enabled", torch.tensor(config.enabled, device=device))
         self._initialized, self._enabled = False, config.enabled  # host mirrors: no device sync
+        self._check: FiniteCheck | None = None  # of the range initialisation, until read
 
     @property
     def bits(self) -> int:
@@ -55,6 +65,7 @@ class LSQQuantizer(nn.Module):
             state_dict[prefix + "enabled"] = torch.tensor(True)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         self._initialized, self._enabled = bool(self.initialized), bool(self.enabled)
+        self._check = None
 
     def set_enabled(self, enabled: bool) -> None:
         """Quantize (True) or pass the input through unchanged (False)."""
@@ -84,12 +95,24 @@ class LSQQuantizer(nn.Module):
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.initialized.fill_(True)
         self._initialized = True
+        self._check = FiniteCheck(self.scale)
+
+    def initialization_failed(self, wait: bool = False) -> bool:
+        """True if the range initialisation is known to have met inf/nan values (a NaN scale);
+        False if it succeeded or is not known yet (``wait``: wait for the device to know).
+        Once known, the check is dropped: it reports a failure once."""
+        if self._check is None or not (wait or self._check.ready()):
+            return False
+        check, self._check = self._check, None
+        return not check.finite()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self._enabled:
             return v
         if not self._initialized:
             self.initialize(v)
+            if self.initialization_failed():
+                raise ValueError(INIT_ERROR)
         return lsq_quantize(v, self._scale(v), self.lower, self.upper, self.grad_scale(v))
 
     def integers(self, v: torch.Tensor) -> torch.Tensor:
@@ -104,13 +127,15 @@ class QuantConv2d(nn.Conv2d):
 
     def __init__(self, conv: nn.Conv2d, weight: QuantConfig | None,
                  activation: QuantConfig | None) -> None:
+        device = conv.weight.device
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                         conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+                         conv.padding_mode, device=device, dtype=conv.weight.dtype)
         self.load_state_dict(conv.state_dict())
-        self.a_quant = LSQQuantizer(activation, is_weight=False) if activation else None
-        self.w_quant = (LSQQuantizer(weight, is_weight=True, channels=conv.out_channels)
-                        if weight else None)
+        self.a_quant = (LSQQuantizer(activation, is_weight=False, device=device)
+                        if activation else None)
+        self.w_quant = (LSQQuantizer(weight, is_weight=True, channels=conv.out_channels,
+                                     device=device) if weight else None)
         self.weight_offset: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +149,16 @@ class QuantConv2d(nn.Conv2d):
 def quantizers(module: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
     """``(name, quantizer)`` pairs in forward order, e.g. ``("layer1.0.conv1.w_quant", q)``."""
     return ((n, m) for n, m in module.named_modules() if isinstance(m, LSQQuantizer))
+
+
+def check_initialization(named: Iterable[tuple[str, LSQQuantizer]], wait: bool = False) -> None:
+    """Raise ``ValueError`` naming the quantizers whose range initialisation met inf/nan
+    values, among those the host can tell without waiting for the device (all with ``wait``).
+    No host sync: on a GPU a failure is reported a step or so after it happened, at the first
+    call that finds the device done (the training steps call it; see docs/performance.md)."""
+    failed = [name for name, q in named if q.initialization_failed(wait)]
+    if failed:
+        raise ValueError(f"{INIT_ERROR}: {', '.join(failed)}")
 
 
 def set_quantization(module: nn.Module, enabled: bool) -> None:
