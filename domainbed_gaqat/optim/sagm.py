@@ -56,7 +56,7 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
     loss = loss_fn()
     loss.backward()
     g = _grads(weights)  # kept as they are: the second backward allocates fresh gradients
-    g_task = torch.stack(_grads(scales)) if scales else torch.zeros(0)
+    g_task = torch.stack(_grads(scales)) if scales else loss.new_zeros(0, dtype=torch.float32)
 
     with torch.no_grad():
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
@@ -75,5 +75,5 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
         torch._foreach_lerp_(g_p, g, 0.5)  # g_p + 0.5 * (g - g_p) = 0.5 * g + 0.5 * g_p
         for w, grad in zip(weights, g_p):
             w.grad = grad
-    g_smooth = torch.stack(_grads(scales)) if scales else torch.zeros(0)
+    g_smooth = torch.stack(_grads(scales)) if scales else torch.zeros_like(g_task)
     return loss.detach(), g_task, g_smooth
