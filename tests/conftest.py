@@ -41,6 +41,18 @@ def tiny_hparams(algorithm: str = "GAQAT", **overrides) -> dict:
     return hparams
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``cuda`` are skipped where PyTorch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _registered():
     """The plugin is registered by its start-up hook; register() is idempotent anyway."""
