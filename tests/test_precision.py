@@ -46,11 +46,16 @@ def test_lsq_under_bf16_autocast_computes_in_float32(signed):
     assert scale.grad.item() == pytest.approx(grad_s, rel=1e-5)
 
 
-def test_a_model_cast_to_bf16_keeps_its_quantization_state_float32():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_model_cast_to_bf16_keeps_its_quantization_state_float32(device):
     """``GAQAT.to(torch.bfloat16)``: weights bf16; scales, their gradients and Adam moments,
     the disorder state float32; counters and flags integers / booleans; it trains (a K
     boundary included) on bf16 inputs."""
-    alg = bench.build("GAQAT", quick_args(), torch.device("cpu"), **bench.SYNC_HPARAMS)
+    device = torch.device(device)
+    alg = bench.build("GAQAT", quick_args(), device, **bench.SYNC_HPARAMS)
     alg.to(BF16)
     assert {p.dtype for p in alg.weights} == {BF16}
     assert {s.dtype for s in alg.scales} == {torch.float32}
@@ -58,7 +63,7 @@ def test_a_model_cast_to_bf16_keeps_its_quantization_state_float32():
     assert (tracker.flips.dtype, tracker.step.dtype, alg.freezer.frozen.dtype) == (
         torch.long, torch.long, torch.bool)
     assert tracker.disorder.dtype == tracker.prev_sign.dtype == torch.float32
-    batch = [(x.to(BF16), y) for x, y in bench.make_batch(quick_args(), torch.device("cpu"))]
+    batch = [(x.to(BF16), y) for x, y in bench.make_batch(quick_args(), device)]
     for _ in range(3):
         stats = alg.update(batch)
         assert all(np.isfinite(v) for v in stats.values())
@@ -68,15 +73,16 @@ def test_a_model_cast_to_bf16_keeps_its_quantization_state_float32():
     assert all(bool(q.initialized) for _, q in quantizers(alg))
 
 
-def test_bf16_autocast_step_keeps_scale_gradients_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_step_keeps_scale_gradients_float32(device):
     """Under bf16 autocast (the weight-cast cache off, as SAGM needs) a GAQAT step gives the
     scales float32 gradients and leaves every parameter float32."""
-    args = quick_args()
-    alg = bench.build("GAQAT", args, torch.device("cpu"))
-    batch = bench.make_batch(args, torch.device("cpu"))
+    args, device = quick_args(), torch.device(device)
+    alg = bench.build("GAQAT", args, device)
+    batch = bench.make_batch(args, device)
     grads = []
     alg.register_scale_gradient_hook(grads.append)
-    with torch.autocast("cpu", dtype=BF16, cache_enabled=False):
+    with torch.autocast(device.type, dtype=BF16, cache_enabled=False):
         stats = alg.update(batch)
     assert np.isfinite(stats["loss"])
     assert {grads[0].task.dtype, grads[0].smooth.dtype, grads[0].applied.dtype} == {
