@@ -35,10 +35,11 @@ def checkpoint_steps(steps: int, checkpoint_freq: int, last_step: int) -> list[i
 
 def write_run(folder: str | os.PathLike, train_args: dict, last_step: int | None,
               step_time: float = 0.5, done: bool = False, err: str = "",
-              curve: Callable[[int, int], float] | None = None) -> list[dict]:
+              curve: Callable[[int, int, str], float] | None = None) -> list[dict]:
     """A run folder: records at each checkpoint up to ``last_step`` (None: none yet), ``done``
-    and an empty ``model.pkl`` when ``done``, ``err.txt`` holding ``err``. ``curve(step, env)``
-    gives the accuracies (default: seeded noise rising with the step). Returns the records."""
+    and an empty ``model.pkl`` when ``done``, ``err.txt`` holding ``err``. ``curve(step, env,
+    split)`` gives the accuracies (default: seeded noise rising with the step). Returns the
+    records."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = {**train_args, "output_dir": str(folder), "save_model_every_checkpoint": False,
@@ -49,7 +50,7 @@ def write_run(folder: str | os.PathLike, train_args: dict, last_step: int | None
     rng = np.random.default_rng(seed)
     if curve is None:
         base = rng.uniform(0.4, 0.7)
-        def curve(step, env):  # noqa: E306
+        def curve(step, env, split):  # noqa: E306
             return float(min(1.0, base + 0.25 * step / train_args["steps"]
                              + rng.uniform(-0.02, 0.02)))
     records = []
@@ -60,7 +61,7 @@ def write_run(folder: str | os.PathLike, train_args: dict, last_step: int | None
                   "step_time": step_time, "mem_gb": 0.0, "args": args, "hparams": hparams}
         for env in range(n_envs):
             for split in ("in", "out"):
-                record[f"env{env}_{split}_acc"] = curve(step, env)
+                record[f"env{env}_{split}_acc"] = curve(step, env, split)
         if train_args["algorithm"].startswith("GAQAT"):
             record["frozen_frac"] = min(1.0, step / train_args["steps"])
             record["disorder_mean"] = 0.5 - 0.2 * step / train_args["steps"]
@@ -77,16 +78,19 @@ def write_run(folder: str | os.PathLike, train_args: dict, last_step: int | None
 
 def fill_stage(config: dict, out: str, data: str, stage: str,
                state: Callable[[Job], tuple[int | None, bool] | None] = lambda job: (10**9, True),
-               step_time: float = 0.5) -> list[Job]:
+               step_time: float = 0.5,
+               curve: Callable[[Job], Callable] | None = None) -> list[Job]:
     """Write the runs of one stage of ``config`` (the earlier stages must be done):
-    ``state(job)`` gives ``(last_step, done)``, or None for a job not launched."""
+    ``state(job)`` gives ``(last_step, done)``, or None for a job not launched; ``curve(job)``
+    the run's accuracies (see :func:`write_run`)."""
     [planned] = [s for s in plan(config, out, data) if s.name == stage]
     assert not planned.blocked, planned.blocked
     for job in planned.jobs:
         found = state(job)
         if found is not None:
             last_step, done = found
-            write_run(job.output_dir, job.train_args, last_step, step_time, done)
+            write_run(job.output_dir, job.train_args, last_step, step_time, done,
+                      curve=curve(job) if curve else None)
     return planned.jobs
 
 
