@@ -3,7 +3,7 @@
     gaqat list [algorithms|configs|datasets] [--json]
 
 - algorithms: every algorithm of the plugin's registry that ``domainbed.algorithms`` resolves,
-  with its summary line (its docstring's first line) and its quantization (``W/A``: weights and
+  with its summary (its docstring's first paragraph) and its quantization (``W/A``: weights and
   activations, ``W``: weights only, with the default bits; ``full precision``);
 - configs: every sweep config of ``sweeps/`` with the paper table it reproduces, its dataset,
   its stages and the number of runs it plans;
@@ -89,7 +89,8 @@ def algorithms() -> list[dict]:
     for name, spec in ALGORITHMS.items():
         resolved = domainbed_algorithms.get_algorithm_class(name)
         hparams = hparams_registry.default_hparams(name, "PACS")
-        rows.append({"name": name, "summary": spec.summary, "quantized": spec.quantized,
+        summary = " ".join((spec.cls.__doc__ or "").strip().split("\n\n")[0].split())
+        rows.append({"name": name, "summary": summary, "quantized": spec.quantized,
                      "quantization": quantization(hparams),
                      "domainbed_class": f"{resolved.__module__}.{resolved.__qualname__}"})
     return rows

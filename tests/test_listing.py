@@ -27,7 +27,9 @@ def test_algorithms_are_the_registry_as_domainbed_resolves_it(capsys):
         cls = db_algorithms.get_algorithm_class(row["name"])
         assert issubclass(cls, db_algorithms.Algorithm)
         assert row["domainbed_class"] == f"{cls.__module__}.{cls.__qualname__}"
-        assert row["summary"] == cls.__doc__.strip().splitlines()[0]
+        first = cls.__doc__.strip().split("\n\n")[0]  # the docstring's first paragraph
+        assert row["summary"] == " ".join(first.split())
+        assert row["summary"].startswith(ALGORITHMS[row["name"]].summary)
         assert row["quantized"] == ALGORITHMS[row["name"]].quantized
     by_name = {r["name"]: r["quantization"] for r in rows}
     # written out from the README's algorithm table
