@@ -3,6 +3,7 @@
     gaqat tables CONFIG [CONFIG ...] --output_dir OUT --data_dir DATA   # the runs of sweeps/
     gaqat tables --input_dir DIR [DIR ...] [--eval_from STEP]           # any run folders
         [--selection test|test_last|train] [--split_by HPARAM ...] [--format markdown|latex|csv]
+        [--plots DIR [--overwrite]]   # and the curves behind each cell (experiments/plots.py)
 
 Rows: algorithm and W/A bit-width ("Full" for full precision), optionally split by hparams
 (Tables 5 and 6). Columns: the test domains, each "val/test", and Avg. A cell is the mean +-
