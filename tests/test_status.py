@@ -165,3 +165,27 @@ def test_ends_reader_equals_the_full_reader_at_both_ends(config, tmp_path):
     # a tail shorter than a record: everything is read, the ends are the same
     ends = read_run_ends(job.output_dir, tail_bytes=600)
     assert [ends.records[0], ends.records[-1]] == [full.records[0], full.records[-1]]
+
+
+def test_a_stage_inheriting_the_best_checkpoints_lr_is_found(tmp_path):
+    """GAQAT takes the lr of SAGM_LSQ's best checkpoint (any step): with lr 1e-4 best at step
+    15 only and 2e-4 better at both ends, reading only the ends would plan GAQAT with 2e-4 and
+    miss its run."""
+    path = tmp_path / "two_lr.py"
+    path.write_text('SWEEP = {"extends": "demo", "stages": [{"name": "fp"}, '
+                    '{"name": "qat", "grid": {"lr": [1e-4, 2e-4]}}, {"name": "gaqat"}]}\n')
+    config = load_config(str(path))
+    out = str(tmp_path / "out")
+
+    def curve(job):
+        lr = json.loads(job.train_args["hparams"])["lr"]
+        return lambda step, env, split: (0.9 if lr == 1e-4 and step == 15 and env == 5
+                                         and split == "out" else 0.5 if lr == 1e-4 else 0.6)
+
+    for stage in ("fp", "qat", "gaqat"):
+        jobs = fill_stage(config, out, out, stage, curve=curve)
+    [gaqat_job] = jobs
+    assert json.loads(gaqat_job.train_args["hparams"])["lr"] == 1e-4
+    found = status.sweep_status(config, out, out, progress=False)
+    assert found.stages[2].counts() == {"GAQAT": {"done": 1}}
+    assert found.stages[1].counts() == {"LSQ": {"done": 2}, "SAGM_LSQ": {"done": 2}}

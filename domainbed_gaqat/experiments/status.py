@@ -19,8 +19,8 @@ Each planned run of each stage is one of:
 Runs are found as ``gaqat tables`` finds them, by what they recorded
 (:class:`~domainbed_gaqat.experiments.results.Locator`; moved or merged trees work), with a
 job's own folder for a run that has no record yet. Only the first and last records of each
-``results.jsonl`` are read, except for the runs of the algorithms later stages start from,
-among whose checkpoints the planner chooses.
+``results.jsonl`` are read, except for the done runs of the stages later stages start from,
+among whose checkpoints the planner chooses (:func:`plan_with`).
 
 Time left, from the records' ``step_time`` (DomainBed's train.py: the mean seconds of a
 training step over the last checkpoint interval; evaluation at checkpoints is not included):
@@ -100,7 +100,7 @@ class SweepStatus:
     config: str
     output_dir: str
     folders: int  # run folders found under output_dir
-    read_seconds: float
+    read_seconds: float  # finding, reading and planning
     stages: tuple[StageStatus, ...]
     notes: tuple[str, ...]
 
@@ -152,19 +152,30 @@ def err_tail(folder: str, lines: int = ERR_LINES) -> tuple[str, ...] | None:
     return tuple(tail[-lines:])
 
 
-def read_runs(config: dict, output_dir: str, progress: bool = True) -> tuple[list[Run], int]:
-    """The runs under ``output_dir`` (:func:`read_run_ends`; every record of the runs of
-    the algorithms that ``init_from`` / ``hparams_from`` name) and the number of folders."""
-    sources = {s[key]["algorithm"] for s in config["stages"]
+def read_runs(output_dir: str, progress: bool = True) -> list[Run]:
+    """The runs under ``output_dir``, their first and last records only
+    (:func:`~domainbed_gaqat.experiments.results.read_run_ends`)."""
+    return [read_run_ends(folder) for folder in track(run_folders([output_dir]),
+                                                      "reading run folders", enabled=progress)]
+
+
+def plan_with(config: dict, output_dir: str, data_dir: str,
+              runs: list[Run]) -> tuple[list[Stage], Locator]:
+    """The sweep planned over ``runs``, where every record of the done runs of the stages
+    that later stages start from is read (the planner chooses among their checkpoints);
+    repeated until no more such run is found (a chain of stages)."""
+    sources = {s[key]["stage"] for s in config["stages"]
                for key in ("init_from", "hparams_from") if key in s}
-    folders = run_folders([output_dir])
-    runs = []
-    for folder in track(folders, "reading run folders", enabled=progress):
-        run = read_run_ends(folder)
-        if run.done and run.args.get("algorithm") in sources:
-            run = read_run(folder)
-        runs.append(run)
-    return runs, len(folders)
+    full: set[str] = set()
+    while True:
+        locator = Locator(runs)
+        planned = plan(config, output_dir, data_dir, locator)
+        wanted = {run.path for stage in planned if stage.name in sources for job in stage.jobs
+                  if (run := locator.run(job)) is not None and run.done} - full
+        if not wanted:
+            return planned, locator
+        full |= wanted
+        runs = [read_run(run.path) if run.path in wanted else run for run in runs]
 
 
 def run_state(stage: str, job: Job, run: Run | None) -> RunState:
@@ -230,10 +241,9 @@ def sweep_status(config: dict, output_dir: str, data_dir: str,
     if not os.path.isdir(output_dir):
         raise FileNotFoundError(f"--output_dir {output_dir!r}: no such directory")
     start = time.monotonic()
-    runs, folders = read_runs(config, output_dir, progress)
+    runs = read_runs(output_dir, progress)
+    planned, locator = plan_with(config, output_dir, data_dir, runs)
     read_seconds = time.monotonic() - start
-    locator = Locator(runs)
-    planned = plan(config, output_dir, data_dir, locator)
     states = {s.name: (waiting_runs(config, s) if s.blocked else
                        [run_state(s.name, job, locator.run(job)) for job in s.jobs])
               for s in planned}
@@ -250,7 +260,7 @@ def sweep_status(config: dict, output_dir: str, data_dir: str,
             found.append(run)
         stages.append(StageStatus(stage.name, stage.folder, tuple(stage.spec["algorithms"]),
                                   stage.spec["steps"], stage.blocked, tuple(found)))
-    return SweepStatus(config["name"], output_dir, folders, read_seconds, tuple(stages),
+    return SweepStatus(config["name"], output_dir, len(runs), read_seconds, tuple(stages),
                        tuple(locator.duplicates))
 
 
