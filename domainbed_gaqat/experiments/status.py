@@ -116,9 +116,9 @@ class SweepStatus:
         for name, states in groups.items():
             runs = [r for r in self.runs() if r.state in states]
             known = [r.seconds_left for r in runs if r.seconds_left is not None]
-            out[name] = {"runs": len(runs), "seconds": sum(known), "unknown": len(runs)
+            out[name] = {"runs": len(runs), "seconds": sum(known, 0.0), "unknown": len(runs)
                          - len(known), "longest": max(known, default=0.0)}
-        out["serial_seconds"] = sum(g["seconds"] for g in out.values())
+        out["serial_seconds"] = sum((g["seconds"] for g in out.values()), 0.0)
         return out
 
     def to_json(self) -> dict:
