@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from domainbed_gaqat import options
-from domainbed_gaqat.experiments.runfolder import MODEL, RunFolder
+from domainbed_gaqat.experiments.runfiles import MODEL, RunFiles
 from domainbed_gaqat.experiments.runs import OWN_DEFAULTS, PRECISIONS, RunSpec
 from domainbed_gaqat.plugin import hooks, loaders
 from domainbed_gaqat.plugin.checkpoints import algorithm_class, checkpoint_dict
@@ -247,7 +247,7 @@ class Logged:
     """train.py's ``out.txt`` / ``err.txt``; an error that ends the run is written into
     ``err.txt`` too (the terminal gets it from ``gaqat``)."""
 
-    def __init__(self, folder: RunFolder) -> None:
+    def __init__(self, folder: RunFiles) -> None:
         self.folder = folder
 
     def __enter__(self) -> None:
@@ -378,7 +378,7 @@ class RunData:
 class Training:
     """train.py's loop over one run (see the module docstring), from a saved state or step 0."""
 
-    def __init__(self, args, spec: RunSpec, hparams: dict, data: RunData, folder: RunFolder,
+    def __init__(self, args, spec: RunSpec, hparams: dict, data: RunData, folder: RunFiles,
                  saved: dict | None, stop: Stop) -> None:
         self.args, self.spec, self.hparams, self.data = args, spec, hparams, data
         self.folder, self.saved, self.stop = folder, saved, stop
@@ -642,7 +642,7 @@ def run(args) -> int:
     check_arguments(args)
     hparams = resolve_hparams(args)
     spec = RunSpec.from_args(vars(args), hparams)
-    folder = RunFolder(args.output_dir)
+    folder = RunFiles(args.output_dir)
     with Stop() as stop, ExitStack() as ownership:
 
         def own() -> dict | None:

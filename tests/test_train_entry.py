@@ -401,8 +401,9 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, message):
 
 @pytest.mark.slow
 def test_bf16_training_on_cpu_autocast(reference, tmp_path):
-    """``--precision bf16``: valid records, scales float32 in model.pkl, losses within 2% of
-    the float32 run's over the first steps (docs/performance.md: measured 0.3-0.9%)."""
+    """``--precision bf16``: valid records, scales float32 in model.pkl, the mean losses of the
+    first two checkpoints (steps 0, 1-8) within 1% of the float32 run's (docs/runs.md:
+    measured 0.18% and 0.02%)."""
     out = tmp_path / "run"
     run(train_command(out, "--precision", "bf16"), timeout=900, **ENV)
     ours = records(out)
@@ -410,7 +411,7 @@ def test_bf16_training_on_cpu_autocast(reference, tmp_path):
     assert all(r["args"]["precision"] == "bf16" for r in ours)
     fp32 = records(reference)
     for mine, theirs in zip(ours[:2], fp32[:2]):
-        assert abs(mine["loss"] - theirs["loss"]) <= 0.02 * theirs["loss"]
+        assert abs(mine["loss"] - theirs["loss"]) <= 0.01 * theirs["loss"]
     state = model(out)
     scales = [k for k in state if k.endswith("_quant.scale")]
     assert scales and all(state[k].dtype == torch.float32 for k in scales)

@@ -12,7 +12,7 @@ import torch
 from conftest import subprocess_env
 
 from domainbed_gaqat.experiments.ownership import RunFolderBusy, RunLock, holder
-from domainbed_gaqat.experiments.runfolder import RunFolder
+from domainbed_gaqat.experiments.runfiles import RunFiles
 from domainbed_gaqat.experiments.runs import RunSpec
 from domainbed_gaqat.options import CommandFailed
 
@@ -27,7 +27,7 @@ def _record(step: int, spec: RunSpec = SPEC) -> str:
 
 
 def test_roll_back_keeps_the_first_records_and_moves_the_rest_aside(tmp_path):
-    folder = RunFolder(str(tmp_path))
+    folder = RunFiles(str(tmp_path))
     lines = [_record(s) + "\n" for s in (0, 10, 20)] + ['{"step": 30, "to']
     (tmp_path / "results.jsonl").write_text("".join(lines))
     with folder.owned():
@@ -48,13 +48,13 @@ def test_temporary_files_of_killed_writes_are_removed(tmp_path):
     kept = [".lock_not_ours", "resume.pt", ".hidden_user_file", "model.pkl"]
     for name in names + kept:
         (tmp_path / name).write_text("x")
-    with RunFolder(str(tmp_path)).owned():
+    with RunFiles(str(tmp_path)).owned():
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [".lock"])
 
 
 def test_a_folder_of_another_run_is_refused_by_what_differs(tmp_path):
-    folder = RunFolder(str(tmp_path))
+    folder = RunFiles(str(tmp_path))
     (tmp_path / "results.jsonl").write_text(_record(0) + "\n")
     moved = RunSpec("GAQAT", "PACS", [0], {"gaqat_K": 350.0, "lr": 0.00005,
                                            "init_path": "/elsewhere/m.pkl"}, seed=3, steps=100)
@@ -94,17 +94,17 @@ def test_one_owner_per_folder(tmp_path):
 def test_os_faults_become_one_plain_line(tmp_path):
     os.chmod(tmp_path, 0o500)
     try:
-        folder = RunFolder(str(tmp_path / "run"))
+        folder = RunFiles(str(tmp_path / "run"))
         if os.geteuid() == 0:  # root writes anywhere: make the parent a file instead
             os.chmod(tmp_path, 0o700)
             (tmp_path / "file").write_text("")
-            folder = RunFolder(str(tmp_path / "file" / "run"))
+            folder = RunFiles(str(tmp_path / "file" / "run"))
         with pytest.raises(CommandFailed, match=r"cannot create the run folder .*run: "):
             with folder.owned():
                 pass
     finally:
         os.chmod(tmp_path, 0o700)
-    good = RunFolder(str(tmp_path / "ok"))
+    good = RunFiles(str(tmp_path / "ok"))
     with good.owned():
         good.save_model("model.pkl", {"a": torch.ones(2)})
     assert torch.equal(torch.load(tmp_path / "ok" / "model.pkl", weights_only=True)["a"],

@@ -52,7 +52,7 @@ def os_faults(path: str, doing: str) -> Iterator[None]:
         raise CommandFailed(f"{doing} {path}: {what}") from err
 
 
-class RunFolder:
+class RunFiles:
     """One run folder (``--output_dir``) and its files; :meth:`own` before anything else."""
 
     def __init__(self, path: str) -> None:
@@ -63,7 +63,7 @@ class RunFolder:
         return os.path.join(self.path, name)
 
     @contextmanager
-    def owned(self) -> Iterator["RunFolder"]:
+    def owned(self) -> Iterator["RunFiles"]:
         """Own the folder (refused with :class:`~.ownership.RunFolderBusy` naming the owner),
         remove temporary files left by a killed write, release at the end."""
         with os_faults(self.path, "cannot create the run folder"):
