@@ -118,6 +118,13 @@ def test_failed_stopped_and_queued_runs(config, tmp_path, capsys):
     assert failed["folder"] == sagm and failed["err_tail"][-1] == "RuntimeError: CUDA out of memory"
     assert record["stages"][1]["counts"] == {"LSQ": {"stopped": 1}, "SAGM_LSQ": {"failed": 1}}
 
+    # the train entry's own line for what ended the run (docs/runs.md) is a failure too
+    diverged = "gaqat train: the run diverged: a non-finite loss at step 15\n"
+    Path(lsq, "err.txt").write_text("/x/y.py:3: UserWarning: something\n" + diverged)
+    found = status.sweep_status(config, str(tmp_path), str(tmp_path), progress=False)
+    assert found.stages[1].counts()["LSQ"] == {"failed": 1}
+    assert found.stages[1].runs[0].err_tail[-1] == diverged.strip()
+
     # a Ctrl-C is a stop, not a failure; a folder made by Job.launch with no file is queued
     Path(sagm, "err.txt").write_text(TRACEBACK.replace("RuntimeError: CUDA out of memory",
                                                        "KeyboardInterrupt"))

@@ -7,8 +7,9 @@ Each planned run of each stage is one of:
 - ``done``: its folder has train.py's ``done`` file;
 - ``running``: not done, and a process owns the folder (the train entry holds the lock of
   :mod:`~domainbed_gaqat.experiments.ownership` for its lifetime);
-- ``failed``: not done, no owner, and its ``err.txt`` ends in a Python error (its folder and
-  the last lines of ``err.txt`` are shown);
+- ``failed``: not done, no owner, and its ``err.txt`` ends in an error (a Python traceback, or
+  the train entry's ``gaqat train: ...`` line for what ended the run: divergence, a full disk);
+  its folder and the last lines of ``err.txt`` are shown;
 - ``stopped``: not done, no owner, no error (killed, a time limit, a job not requeued);
 - ``queued``: launched (DomainBed's ``Job.launch`` made its folder) but no process has started
   in it yet (no owner, no file): waiting in the launcher's queue;
@@ -58,8 +59,9 @@ QUEUED, NOT_LAUNCHED, WAITING = "queued", "not launched", "waiting"
 STATES = (DONE, RUNNING, FAILED, STOPPED, QUEUED, NOT_LAUNCHED, WAITING)
 TRAIN_FILES = ("results.jsonl", "out.txt", "err.txt")
 ERR_LINES = 8  # of a failed run's err.txt
+# a traceback, an exception's line, or the train entry's line for an error that ended the run
 _ERROR = re.compile(r"^(Traceback \(most recent call last\):|[A-Za-z_][\w.]*(Error|Exception)"
-                    r"(: |$))")
+                    r"(: |$)|gaqat train: )")
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class SweepStatus:
 
 
 def err_tail(folder: str, lines: int = ERR_LINES) -> tuple[str, ...] | None:
-    """The last ``lines`` lines of ``err.txt`` when it ends in a Python error, else None."""
+    """The last ``lines`` lines of ``err.txt`` when it ends in an error, else None."""
     path = os.path.join(folder, "err.txt")
     try:
         with open(path, "rb") as f:
