@@ -6,12 +6,16 @@ Each command is a module with ``add_arguments(parser)`` (its options and the sha
 :mod:`domainbed_gaqat.options` it takes) and ``run(args) -> int``; modules are imported only
 when their command runs, so ``gaqat --help`` is quick. One error convention: bad input (a value,
 a missing file, an existing result, a config) ends with ``gaqat COMMAND: error: <one line>`` and
-exit status 2, before any work is done.
+exit status 2, before any work is done; work that cannot be finished (a diverged run, a full
+disk) ends with ``gaqat COMMAND: failed: <one line>`` and exit status 1.
 """
 
 import argparse
 import importlib
 import sys
+
+from domainbed_gaqat import listing
+from domainbed_gaqat.options import CommandFailed
 
 # name: (module, one line of help)
 COMMANDS = {
@@ -27,6 +31,7 @@ COMMANDS = {
     "export": ("domainbed_gaqat.export", "ONNX export with integer weights, checked"),
     "bench": ("domainbed_gaqat.bench", "time and memory of the training steps, side by side"),
     "demo": ("domainbed_gaqat.demo", "the offline demo sweep end to end, then its tables"),
+    "list": ("domainbed_gaqat.listing", "the plugin's algorithms, sweep configs and datasets"),
 }
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
 
@@ -39,7 +44,8 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="gaqat", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantization-aware training for domain generalization on DomainBed.",
         epilog="commands:\n" + "\n".join(f"  {n:<10}{h}" for n, (_, h) in COMMANDS.items())
-        + "\n\n'gaqat COMMAND --help' for a command's options.")
+        + "\n\n'gaqat COMMAND --help' for a command's options; 'gaqat list' describes these:\n"
+        + listing.epilog())
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     return parser
 
@@ -71,6 +77,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except BAD_INPUT as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except CommandFailed as err:
+        print(f"{parser.prog}: failed: {err}", file=sys.stderr)
+        return 1
 
 
 def run_as_module(name: str) -> None:

@@ -3,7 +3,6 @@ the synthetic PACS folder it trains on, read by DomainBed's own PACS loader."""
 
 import datetime
 import json
-import math
 import subprocess
 from pathlib import Path
 
@@ -124,11 +123,10 @@ def test_cpu_mode_writes_every_field(tmp_path):
     assert records["steps"] == records["expected_steps"] == [0, 2, 4, 5]
     assert records["each_once_in_order"] and records["all_finite"]
     assert records["equal_to_reference"] and set(records["max_abs_diff"].values()) == {0}
-    assert {"loss", "disorder_mean", "frozen_frac", "env0_in_acc", "env0_out_acc",
-            "hparams"} <= set(records["compared_keys"])
-    assert records["augmented_keys"] == [f"env{e}_{s}_acc" for e in (1, 2, 3)
-                                         for s in ("in", "out")]
-    assert all(math.isfinite(v) for v in records["augmented_max_abs_diff"].values())
+    accuracies = {f"env{e}_{s}_acc" for e in range(4) for s in ("in", "out")}
+    assert {"loss", "disorder_mean", "frozen_frac", "epoch", "step", "hparams",
+            *accuracies} <= set(records["compared_keys"])
+    assert not {"step_time", "mem_gb", "args"} & set(records["compared_keys"])
 
     tests = data["tests"]
     assert tests["returncode"] == 0 and tests["command"][:4] == ["-m", "pytest", "-q", "-m"]
