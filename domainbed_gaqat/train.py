@@ -40,6 +40,7 @@ from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.plugin.checkpoints import algorithm_class, read_weights
 from domainbed_gaqat.plugin.data import split_envs
+from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.plugin.hparams import train_hparams
 
 RESUME_FILE = "resume.pt"
@@ -222,6 +223,20 @@ def next_batches(iterators: list, step: int, draws: dict, replay: bool = False) 
     return batches
 
 
+def _mean_loss(algorithm, loader, device) -> float:
+    """Temporary (gaqat train's hooks): the mean cross-entropy over one split."""
+    total, count = 0.0, 0
+    algorithm.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            logits = algorithm.predict(x.to(device))
+            total += torch.nn.functional.cross_entropy(logits, y.to(device),
+                                                       reduction="sum").item()
+            count += len(y)
+    algorithm.train()
+    return total / count
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -258,7 +273,7 @@ def run(args) -> int:
         return train(args, resume, saved, stop)
 
 
-def train(args, resume: ResumeState, saved: dict | None, stop: Stop) -> int:
+def train(args, resume: ResumeState, saved: dict | None, signals: Stop) -> int:
     """train.py's body (after its output files are set up), resuming from ``saved``."""
     from domainbed import datasets
     from domainbed.lib import misc
@@ -300,8 +315,10 @@ def train(args, resume: ResumeState, saved: dict | None, stop: Stop) -> int:
                   + [f"env{i}_out" for i in range(len(out_splits))]
                   + [f"env{i}_uda" for i in range(len(uda_splits))])
 
-    algorithm = algorithm_class(args.algorithm)(
-        dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs), hparams)
+    with hosted():
+        algorithm = algorithm_class(args.algorithm)(
+            dataset.input_shape, dataset.num_classes, len(dataset) - len(args.test_envs),
+            hparams)
     train_iterators = [iter(loader) for loader in train_loaders]
     uda_iterators = [iter(loader) for loader in uda_loaders]
     steps_per_epoch = min(len(env) / hparams["batch_size"] for env, _ in in_splits)
@@ -344,6 +361,7 @@ def train(args, resume: ResumeState, saved: dict | None, stop: Stop) -> int:
         outputs.atomic_write(os.path.join(args.output_dir, filename),
                              lambda p: torch.save(ckpt, p), overwrite=True)
 
+    stop = False
     for step in range(start_step, n_steps):
         step_start_time = time.time()
         minibatches = [(x.to(device), y.to(device))
@@ -364,6 +382,18 @@ def train(args, resume: ResumeState, saved: dict | None, stop: Stop) -> int:
                 for name, loader in zip(eval_names, eval_loaders):
                     results[name + "_acc"] = misc.accuracy(algorithm, loader, None, device)
                 results["mem_gb"] = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0 * 1024.0)
+                if hasattr(algorithm, "on_checkpoint"):  # temporary: gaqat train's hooks
+                    outs = [loader for name, loader in zip(eval_names, eval_loaders)
+                            if name.endswith("_out") and int(name[3:-4]) not in args.test_envs]
+                    val_loss = float(np.mean([_mean_loss(algorithm, loader, device)
+                                              for loader in outs]))
+                    stop = bool(algorithm.on_checkpoint(step, val_loss))
+                if (last or stop) and hasattr(algorithm, "extra_models"):
+                    algorithm.on_train_end(iter(()))
+                    for prefix, model in algorithm.extra_models().items():
+                        for name, loader in zip(eval_names, eval_loaders):
+                            results[f"{prefix}_{name}_acc"] = misc.accuracy(model, loader, None,
+                                                                            device)
                 results_keys = sorted(results.keys())
                 if results_keys != last_results_keys:
                     misc.print_row(results_keys, colwidth=12)
@@ -375,12 +405,14 @@ def train(args, resume: ResumeState, saved: dict | None, stop: Stop) -> int:
                 if args.save_model_every_checkpoint:
                     save_checkpoint(f"model_step{step}.pkl")
             checkpoint_vals = collections.defaultdict(list)
+        if stop:
+            break
 
-        if stop.signum and not last:
+        if signals.signum and not last:
             save_state(step + 1)
-            print(f"Stopped by signal {stop.signum} after step {step}; state saved to "
+            print(f"Stopped by signal {signals.signum} after step {step}; state saved to "
                   f"{resume.path}: run the same command to continue")
-            return 128 + stop.signum
+            return 128 + signals.signum
         if args.save_every and (step + 1) % args.save_every == 0 and not last:
             save_state(step + 1)
 
