@@ -15,8 +15,8 @@ from domainbed.lib import misc
 from torch import nn
 
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
-from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.plugin.featurizer import Featurizer
+from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.quant.modules import LSQQuantizer, QuantConv2d, quantizers
 from domainbed_gaqat.quant.range_init import mse_scale
 from tests.references import integer_grid, lsq_gradient_scale, lsq_n

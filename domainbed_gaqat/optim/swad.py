@@ -7,10 +7,10 @@ evaluation. At each evaluation the segment, labelled with the training-domain va
 the current model, goes to :class:`LossValley`, which picks the segments of the final average:
 
 - *converged*: once the oldest of the last ``n_converge`` losses is their smallest (the first
-  one on ties). The threshold is their mean times ``1 + tolerance_ratio``; the average starts
-  two segments after the last one above it among the ``n_tolerance - n_converge + 1`` oldest
-  of the last ``n_tolerance`` segments (so the oldest of those never counts), up to the
-  converging one;
+  one on ties). The threshold is their mean times ``1 + tolerance_ratio``; of the
+  ``n_tolerance - n_converge + 1`` oldest of the last ``n_tolerance`` segments (the converging
+  one the last of them once the window is full) the average takes those from two after the
+  last one above the threshold (so the oldest never counts);
 - *in the valley*: each later evaluation adds the oldest of the last ``n_tolerance`` segments
   (once it is not older than the converging one) while the least of their losses stays below
   the threshold;
@@ -225,7 +225,11 @@ class SWAD(nn.Module):
         self.valley = LossValley(*self.settings)
 
     def observe(self, params: Sequence[torch.Tensor]) -> None:
-        """The weights after step ``self.steps`` join the current segment."""
+        """The weights after step ``self.steps`` join the current segment (kept on their
+        device: a segment restored from a checkpoint moves there)."""
+        segment = self.segment.tensors
+        if segment and segment[0].device != params[0].device:
+            self.segment.tensors = [t.to(p.device) for t, p in zip(segment, params)]
         self.segment.add(params, self.steps, self.steps)
         self.steps += 1
 

@@ -340,7 +340,10 @@ class WithSWAD:
             torch._foreach_copy_(list(self.parameters()),
                                  [t.to(p.device) for t, p in zip(final.tensors,
                                                                  self.parameters())])
-        print(f"SWAD: {final.count} averages of steps {final.start_step}-{final.end_step}")
+        what = ("the average of" if self.swad.valley.converged
+                else "no loss valley found: the last segment,")
+        print(f"SWAD: the model is {what} {final.count} terms, steps "
+              f"{final.start_step}-{final.end_step}")
         self.swad.restart()
 
     def extra_models(self) -> dict[str, nn.Module]:
