@@ -292,7 +292,8 @@ class WithSWAD:
 
     Every step's parameters (all of them, quantizer scales included, as the release's
     ``AveragedModel``) join the segment average; ``gaqat train``'s hooks hand it the validation
-    loss at each evaluation and stop the run once the valley is dead (the release does). At
+    loss at each evaluation, and once the valley is dead it asks the loop to end the run (its
+    ``on_checkpoint`` returns True; the release stops there; later segments never count). At
     the end the averaged parameters are loaded into the algorithm, so the run's ``model.pkl``
     is the SWAD model and its accuracies join the last record as ``swad_env{i}_*_acc`` (the
     last iterate's stay in every record). With ``quant_start`` (QT-DoG), SWAD restarts when
@@ -326,7 +327,7 @@ class WithSWAD:
             print(f"SWAD: converged at step {valley.converge_step}, threshold "
                   f"{valley.threshold:.6f}")
         if dead:
-            print(f"SWAD: the loss valley is dead at step {step}: training stops")
+            print(f"SWAD: the loss valley is dead at step {step}: the run may end here")
         return dead
 
     def on_train_end(self, minibatches) -> None:
