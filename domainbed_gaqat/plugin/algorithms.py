@@ -224,7 +224,7 @@ class SAQ(LSQ):
         self.quantized = [m for m in self.modules()
                           if isinstance(m, QuantConv2d) and m.w_quant is not None]
         quantized_ids = {id(m.weight) for m in self.quantized}
-        act_scales = ([q.scale for name, q in quantizers(self) if not q.is_weight]
+        act_scales = ([q.scale for _, q in quantizers(self) if not q.is_weight]
                       if hparams["saq_perturb_act_scales"] else [])
         act_ids = {id(s) for s in act_scales}
         self.perturbed = [p for p in self.weights if id(p) not in quantized_ids] + act_scales

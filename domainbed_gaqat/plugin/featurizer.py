@@ -40,9 +40,11 @@ class QuantPolicy:
         common = {"grad_scale": hparams["lsq_grad_scale"],
                   "enabled": hparams.get("quant_start", 0) == 0}
         granularity = "channel" if hparams.get("w_per_channel", False) else "tensor"
+        options = {field: hparams[name] for name, field in (("w_scale_init", "range_init"),
+                                                            ("w_grad_scale_n", "grad_scale_n"))
+                   if name in hparams}
         weight = QuantConfig(hparams["w_bits"], signed=True, granularity=granularity,
-                             range_init=hparams.get("w_scale_init", "mse"),
-                             grad_scale_n=hparams.get("w_grad_scale_n", "scale"), **common)
+                             **options, **common)
         bits = hparams.get("a_bits")
         return cls(weight=weight,
                    activation=QuantConfig(bits, signed=False, **common) if bits else None,
