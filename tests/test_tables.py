@@ -12,7 +12,7 @@ import pytest
 from conftest import PYTHON, gaqat, run
 from domainbed.lib import reporting
 
-from domainbed_gaqat.experiments import tables
+from domainbed_gaqat.experiments import plots, tables
 
 SE2 = 5 / math.sqrt(2)  # standard error of two values 5 apart (population std / sqrt(n))
 
@@ -171,6 +171,14 @@ def test_swad_model_row(tmp_path, capsys):
     assert list(rows.loc["SWAD_QTDoG (SWAD)", ["val_mean", "test_mean"]]) == pytest.approx(
         [80, 66])
     assert rows.loc["SWAD_QTDoG (SWAD)", "bits"] == "7/FP"
+    # the plots: the SWAD row is its one model at the last step, the plain row the run's curve
+    entries = [(run, 0) for run in tables.find_runs([str(tmp_path)])]
+    found = plots.cell_curves(tables.with_swad(entries),
+                              tables.select_cells(entries, "train", []), "train")
+    [curves] = found.values()
+    swad, plain = curves["SWAD_QTDoG (SWAD)", "7/FP"], curves["SWAD_QTDoG", "7/FP"]
+    assert [(c.steps, c.values["test"], c.chosen) for c in swad] == [((200,), (66.0,), 200)]
+    assert [(c.steps, c.chosen) for c in plain] == [((0, 200), 0)]
 
 
 def test_latex_and_errors(pacs, capsys):

@@ -54,8 +54,9 @@ def swad_run(run: Run) -> Run | None:
     """A run's SWAD model as a run of its own (None where it has none): one record, its last
     record with the ``swad_env{i}_{in,out}_acc`` accuracies (the averaged model's, which
     ``gaqat train`` adds to the last record) as ``env{i}_*_acc``, and the algorithm
-    ``<algorithm> (SWAD)``: a row of the tables, selected like any other (among the grid's runs
-    by the rule's criterion; its one checkpoint is the final model)."""
+    ``<algorithm> (SWAD)``, the path the run's with `` (SWAD)`` (the plots tell them apart): a
+    row of the tables, selected like any other (among the grid's runs by the rule's criterion;
+    its one checkpoint is the final model)."""
     if not run.records:
         return None
     last = max(run.records, key=lambda r: r["step"])
@@ -66,7 +67,13 @@ def swad_run(run: Run) -> Run | None:
     plain = {k: v for k, v in last.items()
              if not (k.startswith("env") and k.endswith("_acc")) and not k.startswith(SWAD_PREFIX)}
     args = {**last["args"], "algorithm": last["args"]["algorithm"] + SWAD_ROW}
-    return Run(run.path, [{**plain, **swad, "args": args}], run.done)
+    return Run(run.path + SWAD_ROW, [{**plain, **swad, "args": args}], run.done)
+
+
+def with_swad(entries: list[tuple[Run, int]]) -> list[tuple[Run, int]]:
+    """``entries`` and their runs' SWAD models (:func:`swad_run`; every step counts)."""
+    return [*entries, *((model, 0) for model in map(swad_run, (run for run, _ in entries))
+                        if model)]
 
 
 def repetitions(candidates: list[tuple[Run, int]]) -> list[list[tuple[Run, int]]]:
@@ -84,8 +91,7 @@ def select_cells(entries: list[tuple[Run, int]], rule: str, split_by: list[str])
     """One chosen checkpoint per (dataset, row, test envs, trial) among finished runs; a run
     with a SWAD model (:func:`swad_run`) adds it to the ``<algorithm> (SWAD)`` row."""
     groups = defaultdict(list)
-    swad = [(model, 0) for model in map(swad_run, (run for run, _ in entries)) if model]
-    for run, eval_from in [*entries, *swad]:
+    for run, eval_from in with_swad(entries):
         if run.done and run.records:
             args = run.args
             key = (args["dataset"], row_of(run, split_by), tuple(sorted(args["test_envs"])),
@@ -313,7 +319,8 @@ def print_tables(configs: list[str], input_dirs: list[str] | None = None,
     print(render(table, split_by, fmt, rule))
     if plots:
         names = {d: _env_names(d) for d in {c["dataset"] for c in cells}}
-        written = write_plots(entries, cells, plots, rule, split_by, names, overwrite)
+        written = write_plots(with_swad(entries), cells, plots, rule, split_by, names,
+                              overwrite)
         print(f"Wrote {len(written)} plots to {plots}: {', '.join(map(os.path.basename, written))}",
               file=sys.stderr)
     return 0
