@@ -420,12 +420,11 @@ class Training:
 
     def _host_vals(self) -> dict[str, list[float]]:
         """The step statistics so far as floats (one host sync for all of them)."""
-        out = {}
-        for key, values in self.step_vals.items():
-            tensors = [v for v in values if isinstance(v, torch.Tensor)]
-            floats = iter(torch.stack(tensors).double().tolist()) if tensors else iter(())
-            out[key] = [next(floats) if isinstance(v, torch.Tensor) else float(v)
-                        for v in values]
+        tensors = [v for values in self.step_vals.values() for v in values
+                   if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([t.double() for t in tensors]).tolist() if tensors else ())
+        out = {key: [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+               for key, values in self.step_vals.items()}
         self.step_vals = collections.defaultdict(list, out)
         return out
 
