@@ -38,6 +38,7 @@ import torch
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
+from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.plugin.hparams import params
 from domainbed_gaqat.quant.config import integer_range
 from domainbed_gaqat.quant.lsq import compile_kernels, lsq_quantize
@@ -161,10 +162,13 @@ def move(module: torch.nn.Module, device: torch.device, channels_last: bool = Fa
 
 def build(algorithm: str, args: argparse.Namespace, device: torch.device, **hparams):
     """A plugin algorithm built on the CPU and moved to ``device`` (random init, PACS defaults,
-    ``args.bits``, ``hparams`` overriding those it has)."""
+    ``args.bits``, ``hparams`` overriding those it has). Built as hosted by a training loop
+    (SWAD's algorithms need one); this one only steps them, as a loop does between
+    evaluations."""
     torch.manual_seed(0)
-    alg = ALGORITHMS[algorithm].cls((3, args.resolution, args.resolution), 7, args.domains,
-                                    _hparams(algorithm, args, **hparams))
+    with hosted():
+        alg = ALGORITHMS[algorithm].cls((3, args.resolution, args.resolution), 7,
+                                        args.domains, _hparams(algorithm, args, **hparams))
     move(alg, device, args.channels_last)
     return alg
 

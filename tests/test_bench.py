@@ -94,9 +94,12 @@ def test_sync_check_runs_the_algorithms_through_their_phases():
     each set of phases here (MSE initialisation of every weight costs seconds on the CPU);
     scripts/gpu_check.sh's CPU mode runs them all."""
     assert {name: bench.sync_phases(name) for name in ALGORITHMS} == {
-        name: {0: "step0", 1: "steady", **({2: "K_boundary"} if name.startswith("GAQAT") else
-                                            {2: "quant_start"} if name == "QTDoG" else {})}
-        for name in ALGORITHMS}
+        name: {0: "step0", 1: "steady", **({2: "K_boundary"} if "gaqat" in spec.families else
+                                            {2: "quant_start"} if "qtdog" in spec.families
+                                            else {})}
+        for name, spec in ALGORITHMS.items()}
+    assert bench.sync_phases("GAQAT_NoUnfreeze")[2] == "K_boundary"
+    assert bench.sync_phases("QTDoG")[2] == "quant_start" and 2 not in bench.sync_phases("SAQ")
     args = bench.resolve(cli.command_parser("bench")[0].parse_args(["--quick"]))
     names = ["ERM_FP", "GAQAT", "QTDoG"]
     results = bench.sync_check(args, torch.device("cpu"), names)

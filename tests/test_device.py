@@ -31,9 +31,10 @@ META = torch.device("meta")
 CONFIGS = {  # (weight, activation) quantizers of a conv: each kind the featurizers use
     "paper": (QuantConfig(4, True), QuantConfig(4, False)),
     "stem": (None, QuantConfig(4, True)),
-    "qtdog": (QuantConfig(7, True, granularity="channel"), None),
-    "minmax": (QuantConfig(3, True, range_init="minmax"),
-               QuantConfig(3, False, range_init="minmax")),
+    "qtdog": (QuantConfig(7, True, granularity="channel", range_init="lsq_mean",
+                          grad_scale_n="tensor"), None),
+    "lsq_mean": (QuantConfig(3, True, range_init="lsq_mean"),
+                 QuantConfig(3, False, range_init="lsq_mean")),
 }
 
 

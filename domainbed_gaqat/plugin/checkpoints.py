@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from domainbed_gaqat.plugin.featurizer import Featurizer
+from domainbed_gaqat.plugin.hooks import hosted
 
 INIT_CHOICES = ("none", "torchvision", "moco", "domainbed")
 MOCO_ENV = "DOMAINBED_GAQAT_MOCO"
@@ -144,9 +145,10 @@ def algorithm_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
     """
     name = ckpt["args"].get("algorithm")
     hparams = dict(ckpt["model_hparams"], init="none", init_path="")
-    algorithm = algorithm_class(name)(tuple(ckpt["model_input_shape"]),
-                                      ckpt["model_num_classes"], ckpt["model_num_domains"],
-                                      hparams)
+    with hosted():  # a model trained with gaqat train's hooks (SWAD) is rebuilt too
+        algorithm = algorithm_class(name)(tuple(ckpt["model_input_shape"]),
+                                          ckpt["model_num_classes"],
+                                          ckpt["model_num_domains"], hparams)
     algorithm.load_state_dict(ckpt["model_dict"])
     return algorithm.to(device).eval()
 
