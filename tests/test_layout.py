@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, gaqat, run
+from support.helpers import PYTHON, gaqat, run
 
 from domainbed_gaqat import cli
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS

@@ -9,7 +9,7 @@ were written): the jobs run through ``domainbed_gaqat.train``, and DomainNet's Q
 import json
 
 import pytest
-from plan_snapshot import CONFIGS, STORED, CurrentAPI, snapshot
+from support.plan_snapshot import CONFIGS, STORED, CurrentAPI, snapshot
 
 
 @pytest.fixture(scope="module")

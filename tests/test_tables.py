@@ -9,8 +9,8 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import PYTHON, gaqat, run
 from domainbed.lib import reporting
+from support.helpers import PYTHON, gaqat, run
 
 from domainbed_gaqat.experiments import tables
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, gaqat, run, subprocess_env
+from support.helpers import PYTHON, gaqat, run, subprocess_env
 
 from domainbed_gaqat.train import rng_state, set_rng_state
 
