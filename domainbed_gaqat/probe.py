@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.plugin.checkpoints import load_algorithm, require_quantized
 from domainbed_gaqat.plugin.data import Data, default_device
 from domainbed_gaqat.plugin.featurizer import scale_label
+from domainbed_gaqat.plugin.model_files import load_algorithm, require_quantized
 from domainbed_gaqat.quant.modules import LSQQuantizer, quantizers
 
 DEFAULT_FACTORS = (0.8, 0.9, 1.1, 1.2)

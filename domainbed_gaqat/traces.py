@@ -27,14 +27,11 @@ from tqdm import tqdm
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.optim.freezing import DisorderTracker
-from domainbed_gaqat.plugin.checkpoints import (
-    algorithm_class,
-    checkpoint_dict,
-    quantized_algorithms,
-)
 from domainbed_gaqat.plugin.data import Data, default_device
 from domainbed_gaqat.plugin.featurizer import scale_label
 from domainbed_gaqat.plugin.hparams import train_hparams
+from domainbed_gaqat.plugin.model_files import checkpoint_dict
+from domainbed_gaqat.plugin.registry import algorithm_class, quantized_algorithms
 from domainbed_gaqat.quant.modules import quantizers
 
 GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4")

@@ -38,9 +38,10 @@ import torch
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.plugin.checkpoints import algorithm_class, read_weights
 from domainbed_gaqat.plugin.data import split_envs
 from domainbed_gaqat.plugin.hparams import train_hparams
+from domainbed_gaqat.plugin.model_files import read_weights
+from domainbed_gaqat.plugin.registry import algorithm_class
 
 RESUME_FILE = "resume.pt"
 STATE_VERSION = 1
