@@ -11,7 +11,7 @@ steps. A frozen scale is updated by ``g_smooth`` only. All state is in buffers, 
 import torch
 from torch import nn
 
-RULES = ("gaqat", "reverse", "no_unfreeze")
+FREEZE_RULES = ("gaqat", "reverse", "no_unfreeze")
 
 
 def freeze_decision(disorder: torch.Tensor, frozen: torch.Tensor, r: float,
@@ -25,7 +25,7 @@ def freeze_decision(disorder: torch.Tensor, frozen: torch.Tensor, r: float,
         return disorder >= r
     if rule == "no_unfreeze":
         return frozen | (disorder < r)
-    raise ValueError(f"freeze rule {rule!r}: expected one of {RULES}")
+    raise ValueError(f"freeze rule {rule!r}: expected one of {FREEZE_RULES}")
 
 
 class DisorderTracker(nn.Module):
@@ -68,8 +68,8 @@ class ScaleFreezer(nn.Module):
 
     def __init__(self, n: int, K: int, r: float, rule: str = "gaqat") -> None:
         super().__init__()
-        if rule not in RULES:
-            raise ValueError(f"freeze rule {rule!r}: expected one of {RULES}")
+        if rule not in FREEZE_RULES:
+            raise ValueError(f"freeze rule {rule!r}: expected one of {FREEZE_RULES}")
         self.r, self.rule = r, rule
         self.tracker = DisorderTracker(n, K)
         self.register_buffer("frozen", torch.zeros(n, dtype=torch.bool))
