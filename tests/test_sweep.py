@@ -1,6 +1,7 @@
 """gaqat-sweep: configs -> DomainBed jobs, stages, refusals (no training: stage outputs are
 written by the tests as train.py would)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -204,3 +205,22 @@ def test_configs_agree_with_the_hparams_registry(name, dataset, bits, steps):
     assert {k: sorted(v) for k, v in gaqat.grid.axes.items()} == {
         k: sorted(v) for k, v in GAQAT_GRIDS[dataset, bits].items()}
     assert (fp.steps, qat.steps, gaqat.steps) == (*steps, steps[1])
+
+
+def test_configs_parse_once_into_frozen_objects():
+    """The parse makes each object whole (defaults from the dataclasses, "paper" grids
+    resolved, slurm sections merged); nothing can change it afterwards."""
+    config = configs.load_config("pacs_w4a4")
+    fp, gaqat = config.stage("fp"), config.stage("gaqat")
+    assert (fp.members, fp.eval_from, fp.init_from, fp.hparams_from) == (1, 0, None, None)
+    assert gaqat.grid.axes["gaqat_K"] == (300, 350, 400)  # "paper" at W4A4, sorted
+    assert gaqat.hparams_from == configs.StageRef("qat", "SAGM_LSQ", ("lr",))
+    assert (fp.slurm.time_min, gaqat.slurm.time_min, fp.slurm.cpus) == (180, 720, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fp.steps = 1
+    for mapping in (fp.hparams, gaqat.grid.axes, config.hparams):
+        with pytest.raises(TypeError):
+            mapping["lr"] = (1e-3,)
+    assert configs.load_config("pacs_w4a4") == config  # the same parse, the same object
+    with pytest.raises(configs.ConfigError, match=r"--stage 'x': expected one of \['fp', 'qat'"):
+        config.stage("x")

@@ -29,7 +29,7 @@ from domainbed import datasets
 from domainbed_gaqat.experiments.selection import SELECTION_RULES
 from domainbed_gaqat.plugin import hparams as hparams_lib
 from domainbed_gaqat.plugin.launchers import SlurmSettings
-from domainbed_gaqat.plugin.registry import plugin_spec
+from domainbed_gaqat.plugin.registry import plugin_spec, quantized_algorithms
 
 TOP_KEYS = {"paper", "extends", "dataset", "test_envs", "trials", "bits", "selection",
             "holdout_fraction", "hparams", "stages", "table", "slurm"}
@@ -277,11 +277,6 @@ def _reads_activation_bits(algorithm: str, dataset: str) -> bool:
     return "a_bits" in _known(algorithm, dataset)
 
 
-def _quantized(algorithm: str) -> bool:
-    spec = plugin_spec(algorithm)
-    return spec is not None and spec.quantized
-
-
 class _Parser:
     """Checks a resolved config and builds its :class:`SweepConfig`; every error is a
     :class:`ConfigError` at the line of the value it names."""
@@ -311,8 +306,9 @@ class _Parser:
     def value(self, algorithm: str, key: str, value: object, *at: object) -> None:
         """A plugin hyperparameter's value against its range (DomainBed's own are not
         checked)."""
-        spec = plugin_spec(algorithm)
-        param = hparams_lib.params(spec, self.dataset).get(key) if spec is not None else None
+        declared = plugin_spec(algorithm)
+        param = (hparams_lib.params(declared, self.dataset).get(key) if declared is not None
+                 else None)
         expected = param.check(value) if param is not None else None
         self.check(expected is None, f"{key} {value!r} for {algorithm}: expected {expected}",
                    *at)
@@ -422,6 +418,14 @@ class _Parser:
                    *at, "hparams")
         init_from, hparams_from = (self.ref(where, raw.get(key), seen, key, at)
                                    for key in ("init_from", "hparams_from"))
+        self.stage_hparams(where, algorithms, grid, fixed, hparams_from, at)
+        slurm = self.slurm(self.settings, raw.get("slurm", {}), *at, "slurm")
+        return Stage(name, tuple(algorithms), raw["steps"], raw["checkpoint_freq"], eval_from,
+                     members, fixed, grid, init_from, hparams_from, slurm)
+
+    def stage_hparams(self, where: str, algorithms: list[str], grid: Grid, fixed: dict,
+                      hparams_from: StageRef | None, at: tuple) -> None:
+        """Each hparam the stage sets once, read by each of its algorithms, in range."""
         keys = [*grid.axes, *fixed, *(hparams_from.keys if hparams_from else ())]
         self.check(len(keys) == len(set(keys)), f"{where}: a hyperparameter is set twice "
                    f"among grid, hparams and hparams_from: {keys}", *at)
@@ -435,14 +439,11 @@ class _Parser:
             for key, values in grid.axes.items():
                 for j, value in enumerate(values):
                     self.value(algorithm, key, value, *at, "grid", key, j)
-        slurm = self.slurm(self.settings, raw.get("slurm", {}), *at, "slurm")
-        return Stage(name, tuple(algorithms), raw["steps"], raw["checkpoint_freq"], eval_from,
-                     members, fixed, grid, init_from, hparams_from, slurm)
 
     def stage_bits(self, where: str, algorithms: list[str], at: tuple) -> bool:
         """Whether the stage is quantized; its algorithms must agree, and the config's bits
         fit them."""
-        kinds = {_quantized(a) for a in algorithms}
+        kinds = {a in quantized_algorithms() for a in algorithms}
         self.check(len(kinds) == 1, f"{where}: mixes quantized and full-precision algorithms",
                    *at, "algorithms")
         quantized = kinds.pop()
@@ -471,11 +472,12 @@ class _Parser:
             if values == PAPER:
                 grids = set()
                 for algorithm in algorithms:
-                    spec = plugin_spec(algorithm)
+                    declared = plugin_spec(algorithm)
                     try:
-                        if spec is None:
+                        if declared is None:
                             raise ValueError(f"{algorithm} is DomainBed's own: give its values")
-                        grids.add(tuple(hparams_lib.paper_grid(spec, self.dataset, bits, key)))
+                        grids.add(tuple(hparams_lib.paper_grid(declared, self.dataset, bits,
+                                                               key)))
                     except ValueError as err:
                         self.fail(f"{where}: grid {key}: {err}", *at, "grid", key)
                 self.check(len(grids) == 1, f"{where}: grid {key}: the paper's grids of "

@@ -146,27 +146,27 @@ def stage_runs(config: SweepConfig, stage: Stage, planned: dict[str, PlannedStag
             dep = planned[ref.stage]
             hint = _launch_hint(config, dep.name, output_dir, data_dir)
             deps[key] = dep, _ready(dep, ref.algorithm, hint, locator)
-    runs = []
+    specs = []
     for trial in range(config.trials):
         for test_envs in config.test_envs:
             inherited = _inherited(config, stage, deps, locator, test_envs, trial)
             for algorithm in stage.algorithms:
                 hparams = run_hparams(config, stage, algorithm)
                 for point in stage.grid.points():
-                    runs += [RunSpec(algorithm, config.dataset, test_envs,
-                                     {**hparams, **inherited, **point}, trial_seed=trial,
-                                     holdout_fraction=config.holdout_fraction,
-                                     steps=stage.steps, checkpoint_freq=stage.checkpoint_freq,
-                                     eval_from=stage.eval_from, member=member
-                                     ).with_sweep_seeds() for member in range(stage.members)]
-    return runs
+                    specs += [RunSpec(algorithm, config.dataset, test_envs,
+                                      {**hparams, **inherited, **point}, trial_seed=trial,
+                                      holdout_fraction=config.holdout_fraction,
+                                      steps=stage.steps, checkpoint_freq=stage.checkpoint_freq,
+                                      eval_from=stage.eval_from, member=member
+                                      ).with_sweep_seeds() for member in range(stage.members)]
+    return specs
 
 
-def job(run: RunSpec, output_dir: str, data_dir: str) -> Job:
+def job(spec: RunSpec, output_dir: str, data_dir: str) -> Job:
     """DomainBed's ``Job`` of a run: in the folder of its bit-width, through
     ``domainbed_gaqat.train``."""
-    planned = Job(run.train_args(data_dir), os.path.join(output_dir, run.dataset,
-                                                          run.bits_name))
+    planned = Job(spec.train_args(data_dir), os.path.join(output_dir, spec.dataset,
+                                                           spec.bits_name))
     planned.command_str = launchers.entry_command(planned.command_str)
     return planned
 
@@ -181,7 +181,7 @@ def plan(config: SweepConfig, output_dir: str, data_dir: str,
     for stage in config.stages:
         entry = PlannedStage(stage, stage_folder(config, stage, output_dir))
         try:
-            entry.jobs = [job(run, output_dir, data_dir) for run in stage_runs(
+            entry.jobs = [job(spec, output_dir, data_dir) for spec in stage_runs(
                 config, stage, planned, output_dir, data_dir, locator)]
         except Blocked as why:
             entry.blocked = f"stage {stage.name!r} cannot be planned yet: {why}"
