@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.plugin.registry import algorithm_class, quantized_algorithms
 
 CHECKPOINT_KEYS = ("args", "model_input_shape", "model_num_classes", "model_num_domains",
@@ -50,13 +51,15 @@ def algorithm_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
     """Rebuild the checkpoint's algorithm and load its ``model_dict`` with ``strict=True``.
 
     The initialisation hparams are reset to ``init='none'`` first: the weights come from the
-    checkpoint, so the stage-1 / MoCo file it was started from need not exist any more.
+    checkpoint, so the stage-1 / MoCo file it was started from need not exist any more. It is
+    built :func:`~domainbed_gaqat.plugin.hooks.hosted`: evaluated here, not trained.
     """
     name = ckpt["args"].get("algorithm")
     hparams = dict(ckpt["model_hparams"], init="none", init_path="")
-    algorithm = algorithm_class(name)(tuple(ckpt["model_input_shape"]),
-                                      ckpt["model_num_classes"], ckpt["model_num_domains"],
-                                      hparams)
+    with hosted():
+        algorithm = algorithm_class(name)(tuple(ckpt["model_input_shape"]),
+                                          ckpt["model_num_classes"], ckpt["model_num_domains"],
+                                          hparams)
     algorithm.load_state_dict(ckpt["model_dict"])
     return algorithm.to(device).eval()
 
