@@ -31,10 +31,11 @@ def run(args: list[str], cwd: str | os.PathLike | None = None, timeout: int = 60
 
 
 def tiny_hparams(algorithm: str = "GAQAT", **overrides) -> dict:
-    """Default hparams of ``algorithm`` on the offline dataset (ResNet-18, random init)."""
-    from domainbed import hparams_registry
+    """Default hparams of ``algorithm`` on the offline dataset (ResNet-18, random init), drawn
+    for the bits of ``overrides`` as a run's are."""
+    from domainbed_gaqat.plugin.hparams import train_hparams
 
-    return {**hparams_registry.default_hparams(algorithm, "RotatedDigits"), **overrides}
+    return train_hparams(algorithm, "RotatedDigits", overrides=overrides)
 
 
 def gaqat(*argv: str) -> int:
