@@ -6,12 +6,15 @@ Each command is a module with ``add_arguments(parser)`` (its options and the sha
 :mod:`domainbed_gaqat.options` it takes) and ``run(args) -> int``; modules are imported only
 when their command runs, so ``gaqat --help`` is quick. One error convention: bad input (a value,
 a missing file, an existing result, a config) ends with ``gaqat COMMAND: error: <one line>`` and
-exit status 2, before any work is done.
+exit status 2, before any work is done; work that cannot be finished (a diverged run, a full
+disk) ends with ``gaqat COMMAND: failed: <one line>`` and exit status 1.
 """
 
 import argparse
 import importlib
 import sys
+
+from domainbed_gaqat.options import CommandFailed
 
 # name: (module, one line of help)
 COMMANDS = {
@@ -71,6 +74,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except BAD_INPUT as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
+    except CommandFailed as err:
+        print(f"{parser.prog}: failed: {err}", file=sys.stderr)
+        return 1
 
 
 def run_as_module(name: str) -> None:

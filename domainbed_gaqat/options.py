@@ -5,6 +5,11 @@ import argparse
 import sys
 
 
+class CommandFailed(Exception):
+    """A command that started its work and could not finish it (a diverged run, a full disk):
+    ``gaqat`` prints the one-line message and exits with status 1 (bad input: 2)."""
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

@@ -251,9 +251,10 @@ def test_failed_and_cancelled_jobs_are_reported(slurm, tmp_path, monkeypatch, ca
 
 @pytest.mark.slow
 def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
-    """A two-minute limit, SIGUSR2 30 s before it (Slurm checks every 30 s): the training
-    saves its state, submitit requeues the job, the requeued job continues; the records are an
-    uninterrupted run's. 160 steps take longer than one run's 60-90 s."""
+    """A two-minute limit, SIGUSR2 30 s before it (Slurm checks every 30 s) to every process of
+    the job step, two loader workers included: they ignore it, the training saves its state,
+    submitit requeues the job, the requeued job continues; the records are an uninterrupted
+    run's (loaded without workers). 160 steps take longer than one run's 60-90 s."""
     args = ["--dataset", "RotatedDigits", "--algorithm", "GAQAT", "--test_envs", "0", "--steps",
             "160", "--checkpoint_freq", "40", "--save_every", "0", "--hparams",
             json.dumps({"batch_size": 8, "gaqat_K": 5})]
@@ -266,8 +267,9 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
            "DOMAINBED_GAQAT_SUBMITIT_SIGNAL_DELAY_S": "30",
            "DOMAINBED_GAQAT_SUBMITIT_WAIT_MAX_MIN": "10"}
     out = tmp_path / "slurm_run"
-    command = shlex.join(["python", "-m", "domainbed.scripts.train", *args, "--output_dir",
-                          str(out)])
+    # two loader workers: Slurm's SIGUSR2 reaches every process of the job step, workers too
+    command = shlex.join(["python", "-m", "domainbed.scripts.train", *args, "--workers", "2",
+                          "--output_dir", str(out)])
     code = ("import sys; from domainbed_gaqat.plugin import launchers\n"
             f"launchers.submitit_launcher([{command!r}])")
     proc = run([PYTHON, "-c", code], timeout=900, **env)

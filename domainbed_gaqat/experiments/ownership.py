@@ -85,6 +85,11 @@ class RunLock:
         self._fd = fd
         _OWNED.add(key)
 
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock now."""
+        return self._fd is not None
+
     def release(self) -> None:
         """Give the folder up (the process's end does it too)."""
         if self._fd is not None:

@@ -87,6 +87,11 @@ class RunSpec:
         DomainBed ``Job.train_args``)."""
         return cls.from_args(args, json.loads(args["hparams"]))
 
+    def to_dict(self) -> dict[str, object]:
+        """Every field as plain values (``RunSpec(**spec.to_dict()) == spec``)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**out, "test_envs": list(self.test_envs), "hparams": dict(self.hparams)}
+
     # --- what it is ------------------------------------------------------------------------
 
     def meaning(self) -> dict[str, object]:

@@ -97,6 +97,13 @@ def _one_of(choices: tuple) -> Check:
     return lambda value: None if value in choices else f"one of {list(choices)}"
 
 
+# Bounds beyond which a value is a typo, not an experiment (a learning rate of 1e308 trains a
+# model of NaNs): learning rates in (0, 1], weight decay and SAGM's alpha in [0, 1], a radius
+# (SAGM's, SAQ's rho) in [0, 10], batch sizes up to 2^16, step counts up to 10^9.
+LR_CHECK = _real(0, 1, low_open=True)
+MAX_BATCH, MAX_RHO, MAX_STEPS = 2**16, 10.0, 10**9
+
+
 # --- parameters ----------------------------------------------------------------------------
 
 
@@ -132,34 +139,33 @@ def params(spec: AlgorithmSpec, dataset: str, bits: int = 4) -> dict[str, Param]
         "resnet_dropout": Param(0.0, _real(0, 1, high_open=True)),
         "init": Param("none" if small else "moco", _one_of(INIT_CHOICES)),
         "init_path": Param("", _text),
-        "lr": Param(1e-3, _real(0, low_open=True)) if small
-        else Param(LR_GRID[0], _real(0, low_open=True), LR_GRID),
+        "lr": Param(1e-3, LR_CHECK) if small else Param(LR_GRID[0], LR_CHECK, LR_GRID),
         "weight_decay": Param({"DomainNet": 1e-6}.get(dataset, 0.0 if small else 1e-4),
-                              _real(0)),
+                              _real(0, 1)),
         # DomainBed's Debug datasets have 13 training images per env: a larger batch makes its
         # infinite loader (drop_last=True) spin forever.
         "batch_size": Param({"DomainNet": 24, "Debug28": 8, "Debug224": 8}.get(dataset, 32),
-                            _integer(1)),
+                            _integer(1, MAX_BATCH)),
     }
-    weights = {"scale_lr": Param(1e-5, _real(0, low_open=True)),
+    weights = {"scale_lr": Param(1e-5, LR_CHECK),
                "lsq_grad_scale": Param(True, _flag)}
     if "quant" in families:
         entries.update(w_bits=Param(4, _integer(2, 8)), a_bits=Param(4, _integer(2, 8)),
                        **weights)
     if "qtdog" in families:  # QT-DoG: LSQ on conv weights only, per channel, from a step on
         entries.update(w_bits=Param(7, _integer(2, 8)), w_per_channel=Param(True, _flag),
-                       quant_start=Param(2000, _integer(0)),
+                       quant_start=Param(2000, _integer(0, MAX_STEPS)),
                        quant_stem_weight=Param(False, _flag), qtdog_release=Param(False, _flag),
                        **weights)
     if "sagm" in families:
-        entries.update(rho=Param(0.05, _real(0)),
-                       alpha=Param(0.0005 if dataset == "DomainNet" else 0.001, _real(0)))
+        entries.update(rho=Param(0.05, _real(0, MAX_RHO)),
+                       alpha=Param(0.0005 if dataset == "DomainNet" else 0.001, _real(0, 1)))
     if "saq" in families:  # SAQ's radius: 0.1 by default, 0.3-0.4 in its ImageNet scripts
-        entries.update(rho=Param(0.1, _real(0), (0.1, 0.05, 0.3, 0.4)))
+        entries.update(rho=Param(0.1, _real(0, MAX_RHO), (0.1, 0.05, 0.3, 0.4)))
     if "gaqat" in families:
         grid = gaqat_grid(dataset, bits)
         entries.update(gaqat_r=Param(grid["gaqat_r"][0], _real(0, 1), grid["gaqat_r"]),
-                       gaqat_K=Param(grid["gaqat_K"][0], _integer(2), grid["gaqat_K"]))
+                       gaqat_K=Param(grid["gaqat_K"][0], _integer(2, MAX_STEPS), grid["gaqat_K"]))
     for name, default in spec.defaults.items():
         entries[name] = Param(default, entries[name].check, entries[name].choices)
     return entries

@@ -56,6 +56,7 @@ CLUSTERS = ("slurm", "local", "debug")
 ENV_PREFIX = "DOMAINBED_GAQAT_SUBMITIT_"
 OLD_ENV_PREFIX = "GAQAT_SUBMITIT_"  # read until the next release, with a deprecation warning
 POLL_S = 5
+SETTLE_S = 120  # at most this long for the accounting to catch up with finished jobs
 ENTRY = "domainbed_gaqat.train"
 EXPECTED = {int: "an integer >= 0", str: "a string", bool: "true or false"}
 
@@ -263,6 +264,19 @@ def _completed(job) -> bool:
         return False
 
 
+def _settle(jobs: list, deadline: float) -> None:
+    """Wait until Slurm's accounting shows every finished job in a final state: submitit calls
+    a job done as soon as its result file exists, while ``sacct`` may still say RUNNING or
+    COMPLETING (the states reported must be the accounting's, not a race with it)."""
+    from submitit.slurm.slurm import SlurmJob
+
+    pending = [job for job in jobs if isinstance(job, SlurmJob) and job.done()]
+    while pending and time.time() < deadline:
+        pending = [job for job in pending if not job.watcher.is_done(job.job_id, mode="force")]
+        if pending:
+            time.sleep(1)
+
+
 def wait(jobs: list, max_minutes: float) -> list:
     """Report the jobs' states as they change until all ended or ``max_minutes`` passed;
     returns the jobs that did not complete (each reported by id, state and log)."""
@@ -276,6 +290,7 @@ def wait(jobs: list, max_minutes: float) -> list:
         if all(job.done() for job in jobs) or time.time() > deadline:
             break
         time.sleep(POLL_S)
+    _settle(jobs, deadline=time.time() + SETTLE_S)
     unfinished = [job for job in jobs if not _completed(job)]
     for job in unfinished:
         state = job.state if job.done() else f"{job.state}, still not done after waiting " \
