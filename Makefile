@@ -10,7 +10,7 @@ export DOMAINBED_SRC ?= https://github.com/facebookresearch/DomainBed.git
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: $(PY) setup.cfg pyproject.toml build_hooks.py domainbed_gaqat.pth
+$(VENV)/.installed: $(PY) pyproject.toml build_hooks.py domainbed_gaqat.pth
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 

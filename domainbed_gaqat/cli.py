@@ -14,6 +14,7 @@ import argparse
 import importlib
 import sys
 
+from domainbed_gaqat import listing
 from domainbed_gaqat.options import CommandFailed
 
 # name: (module, one line of help)
@@ -30,6 +31,7 @@ COMMANDS = {
     "export": ("domainbed_gaqat.export", "ONNX export with integer weights, checked"),
     "bench": ("domainbed_gaqat.bench", "time and memory of the training steps, side by side"),
     "demo": ("domainbed_gaqat.demo", "the offline demo sweep end to end, then its tables"),
+    "list": ("domainbed_gaqat.listing", "the plugin's algorithms, sweep configs and datasets"),
 }
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
 
@@ -42,7 +44,8 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="gaqat", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantization-aware training for domain generalization on DomainBed.",
         epilog="commands:\n" + "\n".join(f"  {n:<10}{h}" for n, (_, h) in COMMANDS.items())
-        + "\n\n'gaqat COMMAND --help' for a command's options.")
+        + "\n\n'gaqat COMMAND --help' for a command's options; 'gaqat list' describes these:\n"
+        + listing.epilog())
     parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     return parser
 

@@ -2,9 +2,10 @@
 on CPU.
 
 Stage after stage (full-precision ERM, then LSQ and SAGM+LSQ, then GAQAT), DomainBed's ``Job``
-machinery runs ``domainbed.scripts.train`` with the ``local`` launcher; then the plugin's table
-and DomainBed's own ``collect_results`` are printed. Runs already done in ``--output_dir`` are
-kept and reused (DomainBed skips them), leftovers of an interrupted demo are deleted first.
+machinery runs ``domainbed.scripts.train`` with DomainBed's ``local`` launcher (with progress);
+then the plugin's table and DomainBed's own ``collect_results`` are printed. Runs already done
+in ``--output_dir`` are kept and reused (DomainBed skips them), leftovers of an interrupted demo
+are deleted first.
 """
 
 import os
@@ -16,12 +17,20 @@ from domainbed.scripts.sweep import Job
 
 from domainbed_gaqat.experiments import sweep, tables
 from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.progress import track
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--data_dir", default="data", help="unused by RotatedDigits")
     parser.add_argument("--config", default="demo", help="a sweeps/ config (default: demo)")
+
+
+def local_launcher(commands: list[str]) -> None:
+    """DomainBed's ``local`` launcher (the commands one after the other, through the shell)
+    with progress (:func:`~domainbed_gaqat.progress.track`)."""
+    for command in track(commands, "demo: runs of this stage", delay=0):
+        subprocess.call(command, shell=True)
 
 
 def run(args) -> int:
@@ -33,7 +42,8 @@ def run(args) -> int:
     if leftovers:
         print(f"Deleting {len(leftovers)} unfinished runs of an interrupted demo.")
         Job.delete(leftovers)
-    status = sweep.run_config("launch", config, out, data, launcher="local", confirm=False)
+    status = sweep.run_config("launch", config, out, data, launcher=local_launcher,
+                              confirm=False)
     if status:
         return status
     print(f"\n=== the plugin's table (gaqat tables {args.config} --output_dir {out} "

@@ -30,6 +30,7 @@ from domainbed_gaqat.experiments.runs import RunSpec
 from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
 from domainbed_gaqat.plugin.data import Data, default_device
 from domainbed_gaqat.plugin.model_files import algorithm_from_checkpoint, load_checkpoint
+from domainbed_gaqat.progress import track
 
 SUFFIX = "+EoQ"
 
@@ -84,7 +85,8 @@ def ensemble_accuracy(models: list, split, device: str) -> float:
     return correct / total
 
 
-def evaluate(run_dirs: list[str], rule: str = "train", device: str | None = None) -> dict:
+def evaluate(run_dirs: list[str], rule: str = "train", device: str | None = None,
+             progress: bool = True) -> dict:
     """The ensemble record of ``run_dirs`` (see the module docstring)."""
     runs = [read_run(os.path.abspath(d)) for d in run_dirs]
     check_members(runs)
@@ -98,10 +100,10 @@ def evaluate(run_dirs: list[str], rule: str = "train", device: str | None = None
     record = {"step": runs[0].records[-1]["step"], "members": paths,
               "seeds": [run.args.get("seed") for run in runs], "hparams": runs[0].hparams,
               "args": {**args, "algorithm": args["algorithm"] + SUFFIX, "output_dir": None}}
-    for env in range(len(data.dataset)):
-        for which in ("in", "out"):
-            record[f"env{env}_{which}_acc"] = ensemble_accuracy(models, data.split(env, which),
-                                                                device)
+    splits = [(env, which) for env in range(len(data.dataset)) for which in ("in", "out")]
+    for env, which in track(splits, f"EoQ of {len(models)} members, splits", enabled=progress):
+        record[f"env{env}_{which}_acc"] = ensemble_accuracy(models, data.split(env, which),
+                                                            device)
     return record
 
 
@@ -159,6 +161,7 @@ def add_arguments(parser) -> None:
                         help="the rule picking each member's checkpoint (when saved)")
     parser.add_argument("--overwrite", action="store_true")
     options.device(parser)
+    options.quiet(parser)
 
 
 def run(args) -> int:
@@ -174,8 +177,8 @@ def run(args) -> int:
     else:
         jobs = [(args.json, args.runs)]
     outputs.check_new([path for path, _ in jobs if path], args.overwrite)
-    for path, members in jobs:
-        record = evaluate(members, args.selection, args.device)
+    for path, members in track(jobs, "EoQ cells", enabled=not args.quiet and len(jobs) > 1):
+        record = evaluate(members, args.selection, args.device, not args.quiet)
         print(describe(record))
         if path:
             outputs.write_text(path, json.dumps(record, indent=1), args.overwrite)

@@ -19,13 +19,13 @@ from contextlib import contextmanager
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.plugin.data import Data, default_device
 from domainbed_gaqat.plugin.featurizer import scale_label
 from domainbed_gaqat.plugin.model_files import load_algorithm, require_quantized
+from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import LSQQuantizer, quantizers
 
 DEFAULT_FACTORS = (0.8, 0.9, 1.1, 1.2)
@@ -78,7 +78,7 @@ def probe(algorithm: nn.Module, data: Data, selected: Sequence[tuple[str, LSQQua
     jobs = [("origin", [], 1.0)] + [(name, qs, f) for name, qs in settings for f in factors]
     rows = []
     algorithm.eval()
-    for name, qs, factor in tqdm(jobs, desc="probe", disable=not progress):
+    for name, qs, factor in track(jobs, "probe", enabled=progress):
         with perturbed(qs, factor):
             accs = data.accuracies(algorithm, device)
         rows.append({"scale": name, "factor": factor, **accs})

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm import tqdm
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.plugin.data import Data, default_device, load_batches
 from domainbed_gaqat.plugin.model_files import load_algorithm
+from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import quantizers
 
 BN_BIAS = ("zero", "weight")
@@ -99,7 +99,7 @@ def surface(algorithm: nn.Module, batches, alphas: np.ndarray, betas: np.ndarray
     shape = (len(alphas),) if betas is None else (len(alphas), len(betas))
     loss, acc = np.full(shape, np.nan), np.full(shape, np.nan)
     try:
-        for i, a, j, b in tqdm(points, desc=f"surface {len(shape)}-D", disable=not progress):
+        for i, a, j, b in track(points, f"surface {len(shape)}-D", enabled=progress):
             for k, p in enumerate(params):
                 moved = base[k] + float(a) * d1[k]
                 if d2 is not None:

@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from tqdm import tqdm
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
@@ -32,6 +31,7 @@ from domainbed_gaqat.plugin.featurizer import scale_label
 from domainbed_gaqat.plugin.hparams import train_hparams
 from domainbed_gaqat.plugin.model_files import checkpoint_dict
 from domainbed_gaqat.plugin.registry import algorithm_class, quantized_algorithms
+from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import quantizers
 
 GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -145,7 +145,7 @@ def record_traces(algorithm: nn.Module, minibatches, steps: int, every: int, K: 
     recorder = TraceRecorder(algorithm, every, K)
     try:
         batches = iter(minibatches)
-        for _ in tqdm(range(steps), desc="traces", disable=not progress):
+        for _ in track(range(steps), "traces", enabled=progress):
             algorithm.update(next(batches))
     finally:
         recorder.close()

@@ -1,11 +1,11 @@
 """The package's layers, its one command line, and its old command names.
 
-Layers, bottom up: the command-line parts (``options``), the quantization core (``quant``), the
-optimisation core (``optim``), the DomainBed-facing plugin (``plugin``), the experiments
-(``experiments``), the tools (the package's top-level modules), the ``gaqat`` command and the
-start-up hook. A module imports only its own layer and the ones below; the two cores import no
-DomainBed. Imports inside ``if __name__ == "__main__":`` (a module run as a command) are
-entries, not dependencies.
+Layers, bottom up: the command-line parts (``options``, and ``progress`` for long work), the
+quantization core (``quant``), the optimisation core (``optim``), the DomainBed-facing plugin
+(``plugin``), the experiments (``experiments``), the tools (the package's top-level modules),
+the ``gaqat`` command and the start-up hook. A module imports only its own layer and the ones
+below; the two cores import no DomainBed. Imports inside ``if __name__ == "__main__":`` (a
+module run as a command) are entries, not dependencies.
 """
 
 import ast
@@ -21,8 +21,8 @@ from domainbed_gaqat import cli
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "domainbed_gaqat"
-LAYERS = {"options": 0, "quant": 1, "optim": 2, "plugin": 3, "experiments": 4, "sweeps": 4,
-          "cli": 6, "__main__": 6, "__init__": 6, "_startup": 6}
+LAYERS = {"options": 0, "progress": 0, "quant": 1, "optim": 2, "plugin": 3, "experiments": 4,
+          "sweeps": 4, "cli": 6, "__main__": 6, "__init__": 6, "_startup": 6}
 TOOLS = 5  # every other top-level module
 CORES = ("quant", "optim")
 

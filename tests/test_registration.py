@@ -26,7 +26,7 @@ from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["setup.cfg", "pyproject.toml", "build_hooks.py", "domainbed_gaqat.pth",
+PROJECT_FILES = ["pyproject.toml", "build_hooks.py", "domainbed_gaqat.pth",
                  "MANIFEST.in", "README.md"]
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
 NO_BUILD = ["--no-deps", "--no-build-isolation", "--no-index", "--quiet"]

@@ -3,10 +3,8 @@ own sweep, DomainBed's ``collect_results`` on every protocol, config errors, dec
 dependencies."""
 
 import ast
-import configparser
 import importlib.metadata
 import json
-import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from domainbed import algorithms as db_algorithms
 from domainbed import hparams_registry
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from support.helpers import PYTHON, gaqat, run, tiny_hparams
 from support.image_folders import write_images
 
@@ -280,20 +281,14 @@ def test_config_errors_are_one_line_with_file_and_line(tmp_path, capsys):
 
 
 def _requirements() -> dict[str, set[str]]:
-    """setup.cfg's requirements: ``{"": base, extra: names}``, as normalised names."""
-    parser = configparser.ConfigParser()
-    parser.read(REPO / "setup.cfg")
+    """pyproject.toml's requirements: ``{"": base, extra: names}``, as normalised names."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
-    def names(text: str) -> set[str]:
-        found = set()
-        for line in text.splitlines():
-            line = line.split("#")[0].strip()
-            if line and not line.startswith("%("):
-                found.add(re.split(r"[<>=!\[ ;]", line)[0].lower().replace("_", "-"))
-        return found
+    def names(requirements: list[str]) -> set[str]:
+        return {canonicalize_name(Requirement(r).name) for r in requirements}
 
-    out = {"": names(parser["options"]["install_requires"])}
-    out.update({k: names(v) for k, v in parser["options.extras_require"].items()})
+    out = {"": names(project["dependencies"])}
+    out.update({k: names(v) for k, v in project["optional-dependencies"].items()})
     return out
 
 

@@ -11,12 +11,14 @@ hashes a sweep computes. :class:`Locator` finds a job's run by what the run *is*
 :attr:`~domainbed_gaqat.experiments.runs.RunSpec.identity` of its records.
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
 
 from domainbed_gaqat.experiments.runs import RunSpec
 from domainbed_gaqat.plugin.reporting import read_results
+from domainbed_gaqat.progress import track
 
 RUN_FILES = ("results.jsonl", "done", "out.txt", "err.txt")
 JOB_HASH = re.compile(r"[0-9a-f]{32}")  # DomainBed's Job folder name: md5 of the train args
@@ -80,14 +82,40 @@ def read_run(path: str) -> RunFolder:
     return RunFolder(path, records, os.path.isfile(os.path.join(path, "done")), problems)
 
 
+def _valid(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if _record_problem(record) is None else None
+
+
+def read_run_ends(path: str, tail_bytes: int = 65536) -> RunFolder:
+    """:func:`read_run` keeping only the first and the last valid records (what a run is, and
+    how far it got), read from the two ends of ``results.jsonl``: cheap on long runs."""
+    results = os.path.join(path, "results.jsonl")
+    done = os.path.isfile(os.path.join(path, "done"))
+    if not os.path.isfile(results):
+        return RunFolder(path, [], done)
+    with open(results, "rb") as f:
+        first = _valid(f.readline())
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - tail_bytes))
+        tail = f.read().split(b"\n")
+    last = next(filter(None, map(_valid, reversed(tail))), None)
+    if first is None or last is None:  # a damaged end: read it all
+        return read_run(path)
+    return RunFolder(path, [first] if last == first else [first, last], done)
+
+
 def _is_run(path: str, names: list[str]) -> bool:
     return (any(n in names for n in RUN_FILES)
             or (not names and JOB_HASH.fullmatch(os.path.basename(path)) is not None))
 
 
-def find_runs(dirs: list[str]) -> list[RunFolder]:
-    """All run folders under ``dirs`` (a run folder holds train.py's files, or is the empty
-    folder DomainBed's ``Job.launch`` makes before the job starts), sorted by path."""
+def run_folders(dirs: list[str]) -> list[str]:
+    """The run folders under ``dirs`` (a run folder holds train.py's files, or is the empty
+    folder DomainBed's ``Job.launch`` makes before the job starts), sorted."""
     paths = set()
     for top in dirs:
         if not os.path.isdir(top):
@@ -96,7 +124,14 @@ def find_runs(dirs: list[str]) -> list[RunFolder]:
             if _is_run(here, subdirs + names):
                 paths.add(here)
                 subdirs.clear()
-    return [read_run(p) for p in sorted(paths)]
+    return sorted(paths)
+
+
+def find_runs(dirs: list[str], progress: bool = True) -> list[RunFolder]:
+    """Every run under ``dirs`` (:func:`run_folders`), read, sorted by path; progress on
+    stderr for large trees (:func:`~domainbed_gaqat.progress.track`)."""
+    return [read_run(p) for p in track(run_folders(dirs), "reading run folders",
+                                       enabled=progress)]
 
 
 class Locator:

@@ -3,6 +3,7 @@ after stage.
 
     gaqat sweep list|launch|delete_incomplete CONFIG --output_dir OUT --data_dir DATA
                 [--stage NAME] [--command_launcher local|submitit|...] [--skip_confirmation]
+    gaqat sweep status CONFIG --output_dir OUT --data_dir DATA [--json]   # how far it is
 
 Each stage expands to DomainBed ``domainbed.scripts.sweep.Job`` objects (trials x test-env
 groups x algorithms x grid points), launched with DomainBed's ``Job.launch`` and a
@@ -26,6 +27,7 @@ removes what DomainBed would. On top of DomainBed's sweep:
 import functools
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domainbed import command_launchers
@@ -238,14 +240,16 @@ def _check_init(planned: PlannedStage) -> None:
                               "it there (torch hub cache; $TORCH_HOME moves it)")
 
 
-def _launcher(name: str, stage: Stage):
+def _launcher(name: str | Callable, stage: Stage):
+    if callable(name):  # a launcher function itself (the demo's)
+        return name
     if name == "submitit":
         return functools.partial(launchers.submitit_launcher, settings=stage.slurm)
     return command_launchers.REGISTRY[name]
 
 
 def run_config(command: str, config: SweepConfig, output_dir: str, data_dir: str,
-               stage: str | None = None, launcher: str | None = None,
+               stage: str | None = None, launcher: str | Callable | None = None,
                confirm: bool = True) -> int:
     """Run ``list``, ``launch`` or ``delete_incomplete`` on the stages (all, in order, or one);
     returns the exit status. A stage waiting for an earlier one stops ``launch`` with 2."""
@@ -281,15 +285,22 @@ def run_config(command: str, config: SweepConfig, output_dir: str, data_dir: str
 def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", required=True, help="root of all sweep outputs")
     parser.add_argument("--data_dir", required=True, help="DomainBed's data folder")
-    parser.add_argument("command", choices=["list", "launch", "delete_incomplete"])
+    parser.add_argument("command", choices=["list", "launch", "delete_incomplete", "status"],
+                        help="status: how far the sweep is (read-only; see "
+                        "domainbed_gaqat.experiments.status)")
     parser.add_argument("config", help="a sweeps/ config name (e.g. pacs_w4a4) or a file")
     parser.add_argument("--stage", help="only this stage (default: all, in order)")
     parser.add_argument("--command_launcher", choices=sorted(command_launchers.REGISTRY),
                         help="needed by launch")
     parser.add_argument("--skip_confirmation", action="store_true")
+    parser.add_argument("--json", action="store_true", help="status: as one JSON object")
 
 
 def run(args) -> int:
+    if args.command == "status":
+        from domainbed_gaqat.experiments.status import run_status
+
+        return run_status(args.config, args.output_dir, args.data_dir, args.json)
     if args.command == "launch" and not args.command_launcher:
         raise ValueError("launch needs --command_launcher")
     return run_config(args.command, load_config(args.config), args.output_dir, args.data_dir,

@@ -3,6 +3,7 @@
     gaqat tables CONFIG [CONFIG ...] --output_dir OUT --data_dir DATA   # the runs of sweeps/
     gaqat tables --input_dir DIR [DIR ...] [--eval_from STEP]           # any run folders
         [--selection test|test_last|train] [--split_by HPARAM ...] [--format markdown|latex|csv]
+        [--plots DIR [--overwrite]]   # and the curves behind each cell (experiments/plots.py)
 
 Rows: algorithm and W/A bit-width ("Full" for full precision), optionally split by hparams
 (Tables 5 and 6). Columns: the test domains, each "val/test", and Avg. A cell is the mean +-
@@ -17,13 +18,17 @@ listed on stderr.
 """
 
 import json
+import os
 import sys
 from collections import defaultdict
 
 import numpy as np
 import pandas as pd
 
+from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.experiments.plots import paths as plot_paths
+from domainbed_gaqat.experiments.plots import write_plots
 from domainbed_gaqat.experiments.results import Locator, RunFolder, find_runs
 from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
 from domainbed_gaqat.experiments.sweep import plan
@@ -71,6 +76,7 @@ def select_cells(entries: list[tuple[RunFolder, int]], rule: str,
                 cells.append({"dataset": dataset, "row": row, "test_envs": test_envs,
                               "trial": trial if len(repeated) == 1 else (trial, m),
                               "val": 100 * choice.val, "run": choice.run.path,
+                              "step": choice.record["step"],
                               "tests": {e: 100 * a for e, a in choice.tests.items()}})
     return cells
 
@@ -215,12 +221,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="markdown")
     parser.add_argument("--ensembles", nargs="+", default=[],
                         help="records of gaqat ensemble (JSON files): EoQ rows")
+    parser.add_argument("--plots", metavar="DIR", help="also a PNG per table cell here: accuracy "
+                        "over steps (and GAQAT's frozen fraction and disorder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing plots")
 
 
 def run(args) -> int:
     return print_tables(args.configs, args.input_dir, args.output_dir, args.data_dir,
                         args.eval_from, args.selection, args.split_by, args.format,
-                        args.ensembles)
+                        args.ensembles, args.plots, args.overwrite)
 
 
 def ensemble_entries(paths: list[str]) -> list[tuple[RunFolder, int]]:
@@ -242,10 +251,12 @@ def ensemble_entries(paths: list[str]) -> list[tuple[RunFolder, int]]:
 def print_tables(configs: list[str], input_dirs: list[str] | None = None,
                  output_dir: str | None = None, data_dir: str | None = None, eval_from: int = 0,
                  selection: str | None = None, split_by: list[str] | None = None,
-                 fmt: str = "markdown", ensembles: list[str] = ()) -> int:
+                 fmt: str = "markdown", ensembles: list[str] = (), plots: str | None = None,
+                 overwrite: bool = False) -> int:
     """Print the tables of ``configs`` (their runs under ``output_dir``) or of the runs under
-    ``input_dirs``, with EoQ rows from ``ensembles``; notes go to stderr. Returns 1 when no run
-    is finished, else 0."""
+    ``input_dirs``, with EoQ rows from ``ensembles``, and write their curves to ``plots``
+    (:mod:`~domainbed_gaqat.experiments.plots`); notes go to stderr. Returns 1 when no run is
+    finished, else 0."""
     if bool(configs) == bool(input_dirs):
         raise ValueError("give either configs (with --output_dir) or --input_dir")
     notes: list[str] = []
@@ -264,12 +275,20 @@ def print_tables(configs: list[str], input_dirs: list[str] | None = None,
     runs = [run for run, _ in entries]
     notes += [p for run in runs for p in run.problems]
     notes += [f"incomplete run, not used: {run.status()}" for run in runs if not run.done]
-    table, skipped = summarize(select_cells(entries, rule, split_by), split_by)
+    cells = select_cells(entries, rule, split_by)
+    table, skipped = summarize(cells, split_by)
     for note in notes + skipped:
         print(f"note: {note}", file=sys.stderr)
     if table.empty:
         print("gaqat tables: no finished run to tabulate", file=sys.stderr)
         return 1
+    if plots:
+        outputs.check_new(list(plot_paths(cells, plots).values()), overwrite)
     print(render(table, split_by, fmt, rule))
+    if plots:
+        names = {d: _env_names(d) for d in {c["dataset"] for c in cells}}
+        written = write_plots(entries, cells, plots, rule, split_by, names, overwrite)
+        print(f"Wrote {len(written)} plots to {plots}: {', '.join(map(os.path.basename, written))}",
+              file=sys.stderr)
     return 0
 
