@@ -57,7 +57,8 @@ def test_configs_with_paper_table_dataset_stages_and_runs(capsys):
     assert demo["runs"] == 4 and w4a4["runs"] == 3 * 4 * (3 + 6 + 9)
     assert w4a4["paper"].startswith("Table 2 (PACS)")
     qtdog = next(r for r in rows if r["name"] == "qtdog_pacs")
-    assert qtdog["runs"] == 3 * 4 * 5 and qtdog["stages"] == ["qtdog"]  # 5 members
+    # QTDoG and SWAD_QTDoG with 5 members each, SWAD_FP once
+    assert qtdog["runs"] == 3 * 4 * (2 * 5 + 1) and qtdog["stages"] == ["qtdog", "swad"]
 
 
 def test_datasets_and_the_text_listing(capsys):
@@ -70,7 +71,7 @@ def test_datasets_and_the_text_listing(capsys):
     assert text.startswith(f"algorithms ({len(ALGORITHMS)}):\n")
     for name in [*ALGORITHMS, *config_names(), "RotatedDigits"]:
         assert f"\n{name} " in text
-    assert "1 stage, 60 runs" in text and "3 stages, 216 runs" in text
+    assert "2 stages, 132 runs" in text and "3 stages, 216 runs" in text  # qtdog_pacs, pacs_w4a4
 
 
 def test_static_names_match_the_imported_registries():

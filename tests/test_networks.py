@@ -17,6 +17,7 @@ from torch import nn
 
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 from domainbed_gaqat.plugin.featurizer import Featurizer
+from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.quant.modules import LSQQuantizer, QuantConv2d, quantizers
 from domainbed_gaqat.quant.range_init import mse_scale
 
@@ -26,9 +27,11 @@ BN = nn.modules.batchnorm._BatchNorm
 
 
 def _algorithm(name: str, **overrides) -> db_algorithms.Algorithm:
-    """A plugin algorithm built through DomainBed's registry, as ``train.py`` does."""
+    """A plugin algorithm built through DomainBed's registry, as ``gaqat train`` does (inside
+    :func:`hosted`: SWAD's algorithms need its loop)."""
     cls = db_algorithms.get_algorithm_class(name)
-    return cls(SHAPE, N_CLASSES, N_DOMAINS, tiny_hparams(name, **overrides))
+    with hosted():
+        return cls(SHAPE, N_CLASSES, N_DOMAINS, tiny_hparams(name, **overrides))
 
 
 def _batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,10 @@ commands), and the tables of the same runs are the same.
 The stored plans were written by ``plan_snapshot.py`` from the code before the package's
 layout changed, then once more for two deliberate changes (and only those, checked when they
 were written): the jobs run through ``domainbed_gaqat.train``, and DomainNet's QAT stages pass
-``--eval_from 45000`` with checkpoints every 1,000 steps."""
+``--eval_from 45000`` with checkpoints every 1,000 steps. Two entries were added later, the
+other entries unchanged: ``pacs_qat_w4a4`` and ``qtdog_pacs`` (with its table), the seed
+systems as their releases run them (QT-DoG's scale init and gradient scale, SAQ's activation
+scales, SWAD_QTDoG and SWAD_FP with their SWAD rows)."""
 
 import json
 

@@ -34,11 +34,16 @@ PAPER = {  # dataset -> hparam -> value or grid; the family that reads it
         "lsq_grad_scale": (True, "quant"), "w_bits": (4, "quant"), "a_bits": (4, "quant"),
     },
 }
+QTDOG = {"weight_decay": 0.0, "w_bits": 7, "w_per_channel": True, "quant_start": 2000,
+         "quant_stem_weight": False, "qtdog_release": False, "scale_lr": 1e-5,
+         "lsq_grad_scale": True,  # weight-only 7-bit per-channel LSQ from step 2000
+         "w_scale_init": "lsq_mean", "w_grad_scale_n": "tensor"}  # its release's LsqQuan
+SWAD = {"swad_n_converge": 3, "swad_n_tolerance": 6, "swad_tolerance_ratio": 0.3}  # LossValley
 OWN = {  # the seed systems' own settings (their public releases), over the shared protocol above
-    "QTDoG": {"weight_decay": 0.0, "w_bits": 7, "w_per_channel": True, "quant_start": 2000,
-              "quant_stem_weight": False, "qtdog_release": False, "scale_lr": 1e-5,
-              "lsq_grad_scale": True},  # weight-only 7-bit per-channel LSQ from step 2000
-    "SAQ": {"rho": {0.05, 0.1, 0.3, 0.4}},  # SAM radius 0.1 by default, 0.3-0.4 on ImageNet
+    "QTDoG": QTDOG,
+    "SAQ": {"rho": {0.05, 0.1, 0.3, 0.4},  # SAM radius 0.1 by default, 0.3-0.4 on ImageNet
+            "saq_perturb_act_scales": True},  # its include_aclip=True
+    "SWAD_FP": SWAD, "SWAD_LSQ": SWAD, "SWAD_QTDoG": {**QTDOG, **SWAD},
 }
 OWN_DEFAULTS = {("SAQ", "rho"): 0.1}
 GAQAT_GRIDS = {  # (dataset, bits) -> r and K ("freeze steps") grids
@@ -152,32 +157,48 @@ def test_sweep_configs_expand_to_the_papers_protocol(name: str, tmp_path) -> Non
         assert stage.init_from == StageRef("fp", "ERM_FP")
 
 
-QTDOG_CONFIGS = {"qtdog_pacs": ("PACS", 5001), "qtdog_vlcs": ("VLCS", 5001),
-                 "qtdog_officehome": ("OfficeHome", 5001),
-                 "qtdog_terra": ("TerraIncognita", 5001), "qtdog_domainnet": ("DomainNet", 15001)}
-QTDOG_RUN = {"lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0,
-             "init": "torchvision", "w_bits": 7, "w_per_channel": True, "quant_start": 2000}
+QTDOG_CONFIGS = {"qtdog_pacs": ("PACS", 5001, 200), "qtdog_vlcs": ("VLCS", 5001, 200),
+                 "qtdog_officehome": ("OfficeHome", 5001, 200),
+                 "qtdog_terra": ("TerraIncognita", 5001, 200),
+                 "qtdog_domainnet": ("DomainNet", 15001, 1000)}  # steps, checkpoint freq
+RELEASE_RUN = {"lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "resnet_dropout": 0.0,
+               "init": "torchvision"}  # its hparams_registry and config, ImageNet init
+QTDOG_RUN = {**RELEASE_RUN, "w_bits": 7, "w_per_channel": True, "quant_start": 2000,
+             "w_scale_init": "lsq_mean", "w_grad_scale_n": "tensor"}
+QTDOG_STAGES = {  # stage -> algorithms and their own settings, members
+    "qtdog": ({"QTDoG": QTDOG_RUN, "SWAD_QTDoG": {**QTDOG_RUN, **SWAD}}, 5),
+    "swad": ({"SWAD_FP": {**RELEASE_RUN, **SWAD}}, 1),  # Table 1's SWAD: one model
+}
 
 
 @pytest.mark.parametrize("name", sorted(QTDOG_CONFIGS))
 def test_qtdog_configs_expand_to_its_protocol(name: str, tmp_path) -> None:
     """QT-DoG's Table 1 protocol (its public release): leave-one-domain-out, 3 trials x 5 members,
-    training-domain validation, 5,001 steps (DomainNet 15,001), Adam 5e-5, no weight decay,
-    7-bit per-channel weights from step 2,000, ImageNet init."""
-    dataset, steps = QTDOG_CONFIGS[name]
+    training-domain validation, 5,001 steps (DomainNet 15,001) evaluated every 200 (1,000),
+    Adam 5e-5, no weight decay, 7-bit per-channel weights from step 2,000 (LSQ's init and
+    whole-tensor gradient scale), ImageNet init; QT-DoG as released (SWAD on, its official
+    constants) next to it, and the SWAD baseline."""
+    dataset, steps, freq = QTDOG_CONFIGS[name]
     config = load_config(name)
     n_envs = len(datasets.get_dataset_class(dataset).ENVIRONMENTS)
     assert (config.dataset, config.bits, config.selection) == (dataset, (7,), "train")
     assert config.test_envs == tuple((e,) for e in range(n_envs)) and config.trials == 3
-    [stage] = config.stages
-    assert (stage.algorithms, stage.steps, stage.members) == (("QTDoG",), steps, 5)
-    [planned] = plan(config, str(tmp_path / "out"), str(tmp_path / "data"))
-    assert len(planned.jobs) == n_envs * 3 * 5
-    assert len({job.train_args["seed"] for job in planned.jobs}) == len(planned.jobs)
-    for job in planned.jobs:
-        assert job.train_args["steps"] == steps
-        hparams = json.loads(job.train_args["hparams"])
-        assert {k: hparams[k] for k in QTDOG_RUN} == QTDOG_RUN
+    stages = {s.name: s for s in config.stages}
+    assert list(stages) == list(QTDOG_STAGES)
+    planned = {s.name: s for s in plan(config, str(tmp_path / "out"), str(tmp_path / "data"))}
+    for stage_name, (algorithms, members) in QTDOG_STAGES.items():
+        stage = stages[stage_name]
+        assert (stage.algorithms, stage.steps, stage.checkpoint_freq,
+                stage.members) == (tuple(algorithms), steps, freq, members)
+        jobs = planned[stage_name].jobs
+        assert len(jobs) == n_envs * 3 * members * len(algorithms)
+        assert len({(job.train_args["algorithm"], job.train_args["seed"]) for job in jobs}) \
+            == len(jobs)
+        for job in jobs:
+            assert job.train_args["steps"] == steps
+            hparams = json.loads(job.train_args["hparams"])
+            want = algorithms[job.train_args["algorithm"]]
+            assert {k: hparams[k] for k in want} == want
 
 
 @pytest.mark.parametrize("bits", [4, 3])

@@ -467,7 +467,9 @@ def test_version_1_state_dicts_load_enabled() -> None:
 def test_quant_config_checks_name_the_field() -> None:
     cases = [({"granularity": "row"}, r"granularity 'row': expected one of \('tensor', "
                                       r"'channel'\)"),
-             ({"range_init": "max"}, r"range_init 'max': expected one of \('mse', 'minmax'\)"),
+             ({"range_init": "max"}, r"range_init 'max': expected one of \('mse', 'lsq_mean'\)"),
+             ({"grad_scale_n": "channel"}, r"grad_scale_n 'channel': expected one of "
+                                           r"\('scale', 'tensor'\)"),
              ({"signed": 1}, "signed 1: expected True or False"),
              ({"grad_scale": "yes"}, "grad_scale 'yes': expected True or False"),
              ({"enabled": None}, "enabled None: expected True or False")]

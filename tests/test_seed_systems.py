@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from domainbed import algorithms as db_algorithms
 from domainbed import datasets as db_datasets
 from domainbed.lib import misc
+from support import references
 from support.helpers import PYTHON, gaqat, run, tiny_hparams
 from support.references import choose_reference
 from torch import nn
@@ -64,13 +65,16 @@ def test_per_channel_mse_equals_brute_force():
         assert got[c].item() == pytest.approx(candidates[int(np.argmin(errors))], rel=1e-6)
 
 
-def test_per_channel_gradients_against_finite_differences():
+@pytest.mark.parametrize("count", ["scale", "tensor"])
+def test_per_channel_gradients_against_the_formula(count):
     """dL/ds_c of a per-channel weight quantizer: the LSQ gradient of channel c's entries,
-    scaled by ``1 / sqrt(N_c * u)`` with N_c the channel's weights; checked against central
-    finite differences of the quantized weight's loss, away from rounding boundaries."""
+    scaled by ``1 / sqrt(N * u)`` with N the channel's weights (``grad_scale_n="scale"``, the
+    LSQ paper) or the whole tensor's (``"tensor"``, QT-DoG's release: ``1 / sqrt(Q_P *
+    x.numel())`` in its ``LsqQuan.forward``), written out here."""
     from domainbed_gaqat.quant.modules import LSQQuantizer
 
-    q = LSQQuantizer(QuantConfig(4, True, granularity="channel"), is_weight=True, channels=3)
+    q = LSQQuantizer(QuantConfig(4, True, granularity="channel", grad_scale_n=count),
+                     is_weight=True, channels=3)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
     q.double()
@@ -81,7 +85,7 @@ def test_per_channel_gradients_against_finite_differences():
     weights = torch.randn(w.shape, generator=g, dtype=torch.float64)
     w.requires_grad_()
     (q(w) * weights).sum().backward()
-    n_c = w[0].numel()
+    n_c = w[0].numel() if count == "scale" else w.numel()
     for c in range(3):
         x = (w[c] / q.scale[c]).detach()
         codes = torch.clamp(torch.round(x), -8, 7)
@@ -125,12 +129,41 @@ def test_before_the_start_step_qtdog_is_full_precision_then_quantizes():
     for name, module in qtdog.named_modules():
         if name in weights:
             assert module.w_quant.scale.shape == (module.out_channels,)
-            expected = mse_scale(weights[name], -64, 63, channel_axis=0).reshape(-1)
+            # the release's LsqQuan.init_from: 2 * mean|w_c| / sqrt(Q_P), Q_P = 63 at 7 bits
+            w = weights[name].double()
+            expected = (2 * w.abs().mean(dim=(1, 2, 3)) / 63 ** 0.5).float()
             assert bool(module.w_quant.enabled) and module.a_quant is None
             before = module.w_quant.scale.detach() + 0  # after one Adam step at lr 1e-5
             assert torch.allclose(before, expected, atol=2e-5, rtol=0)
     stem = qtdog.featurizer.network.conv1
     assert stem.w_quant is None and stem.a_quant is None  # the stem stays full precision
+
+
+@pytest.mark.parametrize("init, count", [("lsq_mean", "tensor"), ("mse", "scale")])
+def test_qtdog_scale_init_and_gradient_scale(init, count):
+    """At ``quant_start`` each per-channel scale starts by ``w_scale_init`` (the release's LSQ
+    rule by default; MSE: the brute-force candidate of least error) and its gradient is LSQ's
+    scaled by ``1 / sqrt(Q_P * N)``, N the whole tensor's size (the release) or a channel's
+    (``w_grad_scale_n: scale``): both against :mod:`references`."""
+    qtdog = build("QTDoG", quant_start=0, batch_size=2, w_scale_init=init,
+                  w_grad_scale_n=count)
+    conv = qtdog.featurizer.network.layer2[0].conv2
+    w = conv.weight.detach().double().numpy()
+    grad_out = np.random.default_rng(0).standard_normal(w.shape)
+    q = conv.w_quant(conv.weight)  # initialises the scale from the weights
+    scale = conv.w_quant.scale.detach().double().numpy()
+    for c in range(0, w.shape[0], 17):
+        if init == "lsq_mean":
+            assert scale[c] == pytest.approx(2 * np.abs(w[c]).mean() / np.sqrt(63), rel=1e-6)
+        else:
+            candidates, errors = references.mse_brute_force(w[c], -64, 63)
+            assert scale[c] == pytest.approx(candidates[np.argmin(errors)], rel=1e-6)
+    (q * torch.from_numpy(grad_out).float()).sum().backward()
+    n = w.size if count == "tensor" else w[0].size
+    _, want = references.lsq_grads(w, scale.reshape(-1, 1, 1, 1), -64, 63, grad_out,
+                                   references.lsq_gradient_scale(n, 63), channel_axis=0,
+                                   dtype=np.float32)
+    assert np.allclose(conv.w_quant.scale.grad.double().numpy(), want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("release", [False, True])
@@ -194,7 +227,12 @@ class Tiny(nn.Module):
         return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
 
 
-def test_saq_step_against_an_autograd_reference():
+@pytest.mark.parametrize("act_scales", [True, False])
+def test_saq_step_against_an_autograd_reference(act_scales):
+    """SAQ's step with the activation scale perturbed and in the norm (the release's
+    ``include_aclip``) or left out, against plain autograd: LSQ written out
+    (:func:`references.lsq_autograd`), the gradient vector, its norm and the perturbed pass
+    by hand."""
     torch.manual_seed(0)
     model = Tiny().double()
     x = torch.rand(5, 2, 6, 6, dtype=torch.float64)
@@ -202,42 +240,50 @@ def test_saq_step_against_an_autograd_reference():
     model(x)  # calibrate the quantizers (MSE init), then a clean state
     state = copy.deepcopy(model.state_dict())
     rho = 0.3
-    scales = [model.conv.w_quant.scale, model.conv.a_quant.scale]
+    w_scale, a_scale = model.conv.w_quant.scale, model.conv.a_quant.scale
     others = [model.bn.weight, model.bn.bias, model.fc.weight, model.fc.bias]
 
-    # reference, by hand: q = Q(w); g = dL/d(q, others); eps = rho g / ||g||;
-    # the gradients of L(Q(w) + eps_q, others + eps_o)
-    ref = Tiny().double()
-    ref.load_state_dict(state)
-    q = ref.conv.w_quant(ref.conv.weight)
-    q_leaf = q.detach().requires_grad_()
+    # reference, by hand: q = Q(w); g = dL/d(q, others[, a_scale]); eps = rho g / ||g||;
+    # the gradients of L(Q(w) + eps_q, others + eps_o[, a_scale + eps_a])
+    weight = state["conv.weight"].clone().requires_grad_()
+    scales = [state["conv.w_quant.scale"].clone().requires_grad_(),
+              state["conv.a_quant.scale"].clone().requires_grad_()]
+    g_w = references.lsq_gradient_scale(references.lsq_n(weight.shape, True), 3)
+    g_a = references.lsq_gradient_scale(references.lsq_n(x.shape, False), 7)
+    params = [state[k].clone().requires_grad_() for k in ("bn.weight", "bn.bias", "fc.weight",
+                                                           "fc.bias")]
 
-    def loss_at(weight, params, model_, x_):
-        a = model_.conv.a_quant(x_)
-        h = F.conv2d(a, weight)
-        h = F.batch_norm(h, model_.bn.running_mean, model_.bn.running_var, params[0],
-                         params[1], training=True, momentum=0.0, eps=model_.bn.eps)
-        return F.cross_entropy(F.linear(F.relu(h).flatten(1), params[2], params[3]), y)
+    def loss_at(q_weight, a_s, p):
+        a = references.lsq_autograd(x, a_s, 0, 7, g_a)  # 3-bit unsigned input
+        h = F.batch_norm(F.conv2d(a, q_weight), state["bn.running_mean"],
+                         state["bn.running_var"], p[0], p[1], training=True, momentum=0.0,
+                         eps=model.bn.eps)
+        return F.cross_entropy(F.linear(F.relu(h).flatten(1), p[2], p[3]), y)
 
-    ref_params = [ref.bn.weight, ref.bn.bias, ref.fc.weight, ref.fc.bias]
-    clean = loss_at(q_leaf, ref_params, ref, x)
-    grads = torch.autograd.grad(clean, [q_leaf, *ref_params])
+    def quantized_weight():
+        return references.lsq_autograd(weight, scales[0], -4, 3, g_w)  # 3-bit signed
+
+    q_leaf = quantized_weight().detach().requires_grad_()
+    clean = loss_at(q_leaf, scales[1], params)
+    moved = [q_leaf, *params, *([scales[1]] if act_scales else [])]
+    grads = torch.autograd.grad(clean, moved)
     norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
     eps = [rho * g / (norm + 1e-12) for g in grads]
-    perturbed_params = [p + e for p, e in zip(ref_params, eps[1:])]
-    q_perturbed = ref.conv.w_quant(ref.conv.weight) + eps[0]
-    final = loss_at(q_perturbed, perturbed_params, ref, x)
-    ref_grads = torch.autograd.grad(final, [ref.conv.weight, *ref_params,
-                                            ref.conv.w_quant.scale, ref.conv.a_quant.scale])
+    a_perturbed = scales[1] + eps[5] if act_scales else scales[1]
+    final = loss_at(quantized_weight() + eps[0], a_perturbed,
+                    [p + e for p, e in zip(params, eps[1:5])])
+    ref_grads = torch.autograd.grad(final, [weight, *params, *scales])
 
+    model_perturbed = [*others, *([a_scale] if act_scales else [])]
+    model_fixed = [w_scale] if act_scales else [w_scale, a_scale]
     stats = (model.bn.running_mean.clone(), model.bn.running_var.clone())
-    loss = saq_step(lambda: F.cross_entropy(model(x), y), model, [model.conv], others, scales,
-                    rho)
+    loss = saq_step(lambda: F.cross_entropy(model(x), y), model, [model.conv],
+                    model_perturbed, model_fixed, rho)
     assert loss.item() == pytest.approx(clean.item(), rel=1e-12)
-    got = [model.conv.weight.grad, *(p.grad for p in others), *(s.grad for s in scales)]
+    got = [model.conv.weight.grad, *(p.grad for p in others), w_scale.grad, a_scale.grad]
     for a, b in zip(got, ref_grads):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
-    for name, value in state.items():  # latent weights restored exactly
+    for name, value in state.items():  # latent weights and scales restored exactly
         if not name.startswith("bn.running") and name != "bn.num_batches_tracked":
             assert torch.equal(model.state_dict()[name], value), name
     # BatchNorm statistics: the clean pass's update only (momentum 0.1), not the second's
@@ -249,6 +295,20 @@ def test_saq_step_against_an_autograd_reference():
     assert torch.allclose(model.bn.running_mean, ref_bn.running_mean, rtol=1e-12)
     assert int(model.bn.num_batches_tracked) == int(state["bn.num_batches_tracked"]) + 1
     assert model.conv.weight_offset is None
+
+
+def test_saq_algorithm_perturbs_the_activation_scales_unless_told():
+    """The algorithm's lists: activation scales perturbed by default (the release's
+    ``include_aclip=True``), weight scales never (``include_wclip=False``)."""
+    for flag in (True, False):
+        saq = build("SAQ", saq_perturb_act_scales=flag, batch_size=2)
+        act = {id(q.scale) for _, q in quantizers(saq) if not q.is_weight}
+        weight = {id(q.scale) for _, q in quantizers(saq) if q.is_weight}
+        perturbed = {id(p) for p in saq.perturbed}
+        assert act <= perturbed if flag else not act & perturbed
+        assert not weight & perturbed and weight <= {id(p) for p in saq.unperturbed}
+        assert len(saq.perturbed) + len(saq.unperturbed) + len(saq.quantized) == len(
+            [p for p in saq.parameters() if p.requires_grad])
 
 
 def test_saq_step_with_an_unused_parameter():
@@ -280,9 +340,11 @@ def test_saq_algorithm_defaults_and_grid():
     drawn = {hparams_registry.random_hparams("SAQ", "PACS", s)["rho"] for s in range(1, 60)}
     assert drawn == {0.05, 0.1, 0.3, 0.4}
     assert "alpha" not in hparams_registry.default_hparams("SAQ", "PACS")
+    assert hparams_registry.default_hparams("SAQ", "PACS")["saq_perturb_act_scales"] is True
     qtdog = hparams_registry.default_hparams("QTDoG", "PACS")
     assert (qtdog["w_bits"], qtdog["w_per_channel"], qtdog["quant_start"], qtdog["lr"],
             qtdog["weight_decay"]) == (7, True, 2000, 5e-5, 0.0) and "a_bits" not in qtdog
+    assert (qtdog["w_scale_init"], qtdog["w_grad_scale_n"]) == ("lsq_mean", "tensor")
 
 
 # --- EoQ ---------------------------------------------------------------------------------
@@ -364,11 +426,12 @@ def test_sweep_members_differ_only_in_seed(tmp_path):
     from domainbed_gaqat.experiments.sweep import plan
 
     stage = plan(load_config("qtdog_pacs"), tmp_path, tmp_path)[0]
-    assert len(stage.jobs) == 3 * 4 * 5 and stage.folder.endswith("PACS/w7")
+    assert len(stage.jobs) == 2 * 3 * 4 * 5 and stage.folder.endswith("PACS/w7")
     by_cell = {}
     for job in stage.jobs:
         args = job.train_args
-        by_cell.setdefault((tuple(args["test_envs"]), args["trial_seed"]), []).append(args)
+        by_cell.setdefault((args["algorithm"], tuple(args["test_envs"]), args["trial_seed"]),
+                           []).append(args)
     for cell in by_cell.values():
         assert len(cell) == 5 and len({a["hparams"] for a in cell}) == 1
         assert len({a["seed"] for a in cell}) == 5 and len({a["hparams_seed"] for a in cell}) == 5
@@ -411,7 +474,8 @@ def test_member_sweep_moved_then_eoq_and_tables(tmp_path, capsys):
     config.write_text("SWEEP = " + repr({
         "extends": "qtdog_pacs", "dataset": "RotatedDigits", "test_envs": [[5]], "trials": 1,
         "hparams": {"batch_size": 4},
-        "stages": [{"name": "qtdog", "steps": 3, "checkpoint_freq": 3, "members": 3,
+        "stages": [{"name": "qtdog", "algorithms": ["QTDoG"], "steps": 3,
+                    "checkpoint_freq": 3, "members": 3,
                     "hparams": {"init": "none", "quant_start": 1}}]}) + "\n")
     out, moved = tmp_path / "out", tmp_path / "moved"
     assert gaqat("sweep", "launch", str(config), "--output_dir", str(out), "--data_dir",

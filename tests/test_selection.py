@@ -14,13 +14,12 @@ import pytest
 from domainbed import datasets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.helpers import gaqat
-from support.references import choose_reference, table_reference
+from support.helpers import gaqat, write_run
+from support.references import choose_reference, swad_rows, table_reference
 
 from domainbed_gaqat.experiments import tables
 from domainbed_gaqat.experiments.results import RunFolder
 from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
-from tests.test_tables import write_run
 
 TEST_RULE = SELECTION_RULES["test"].description
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
@@ -55,14 +54,20 @@ def runs(draw, dataset: str | None = None) -> list[tuple[RunFolder, int]]:
         records = [{"step": step, "args": args, "hparams": hparams,
                     **{f"env{e}_{split}_acc": draw(ACCURACY) for e in range(n_envs)
                        for split in ("in", "out")}} for step in steps]
+        if draw(st.booleans()):  # trained with SWAD: the last record has the SWAD model's
+            last = max(records, key=lambda r: r["step"])
+            last.update({f"swad_env{e}_{split}_acc": draw(ACCURACY) for e in range(n_envs)
+                         for split in ("in", "out")})
         run = RunFolder(f"/sweep/{name}", records, done=draw(st.integers(0, 5)) > 0)
         entries.append((run, draw(st.sampled_from([0, 0, 100]))))
     return entries
 
 
 def _reference_runs(entries: list[tuple[RunFolder, int]]) -> list[tuple[str, list[dict], int]]:
-    """What the reference sees: the finished runs (only those count)."""
-    return [(run.path, run.records, eval_from) for run, eval_from in entries if run.done]
+    """What the reference sees: the finished runs (only those count), and their SWAD models
+    as runs of the ``<algorithm> (SWAD)`` rows."""
+    finished = [(run.path, run.records, eval_from) for run, eval_from in entries if run.done]
+    return finished + swad_rows(finished)
 
 
 def _table(entries: list[tuple[RunFolder, int]], rule: str, split_by: list[str]) -> dict:

@@ -10,31 +10,11 @@ import shutil
 import pandas as pd
 import pytest
 from domainbed.lib import reporting
-from support.helpers import PYTHON, gaqat, run
+from support.helpers import PYTHON, gaqat, run, write_run
 
-from domainbed_gaqat.experiments import tables
+from domainbed_gaqat.experiments import plots, tables
 
 SE2 = 5 / math.sqrt(2)  # standard error of two values 5 apart (population std / sqrt(n))
-
-
-def write_run(folder, algorithm: str, dataset_envs: int, test_envs: list[int], trial: int,
-              accs: dict[int, tuple[dict, dict]], hparams: dict, done: bool = True,
-              tail: str = "") -> None:
-    """A run as train.py writes it; ``accs``: step -> ({env: in_acc}, {env: out_acc}), every
-    other accuracy 0.0. ``tail`` is appended to results.jsonl as is (e.g. a truncated line)."""
-    os.makedirs(folder)
-    args = {"dataset": "PACS" if dataset_envs == 4 else "DomainNet", "algorithm": algorithm,
-            "test_envs": test_envs, "trial_seed": trial, "hparams_seed": 0}
-    with open(os.path.join(folder, "results.jsonl"), "w") as f:
-        for step, (ins, outs) in accs.items():
-            record = {"step": step, "args": args, "hparams": hparams}
-            for env in range(dataset_envs):
-                record[f"env{env}_in_acc"] = ins.get(env, 0.0)
-                record[f"env{env}_out_acc"] = outs.get(env, 0.0)
-            f.write(json.dumps(record) + "\n")
-        f.write(tail)
-    if done:
-        open(os.path.join(folder, "done"), "w").close()
 
 
 def outs(test: float, train: float, test_env: int = 0) -> dict:
@@ -146,6 +126,39 @@ def test_truncated_line_and_incomplete_runs_are_reported(pacs, capsys):
     assert "| A (val/test) | C (val/test) | S (val/test) | Avg (val/test) |" in captured.out
     assert "| LSQ | 4/4 | 85.00 ± 0.00 / 55.00 ± 3.54 | 85.00 ± 3.54 / 75.00 ± 3.54 | " \
            "70.00 ± 0.00 / 40.00 ± 0.00 | 78.33 ± 0.00 / 53.33 ± 0.00 |" in captured.out
+
+
+def test_swad_model_row(tmp_path, capsys):
+    """A run whose last record holds the SWAD model's accuracies adds the row
+    ``<algorithm> (SWAD)`` right after its own, built from them (selection ``train``: the
+    plain row picks step 0, val 90; the SWAD row has one model: val 80, test 66)."""
+    qtdog = {"w_bits": 7}
+    write_run(tmp_path / "r", "SWAD_QTDoG", 4, [0], 0, {
+        0: ({0: 0.5}, outs(0.6, 0.9)), 200: ({0: 0.55}, outs(0.7, 0.7))}, qtdog)
+    write_run(tmp_path / "q", "QTDoG", 4, [0], 0, {200: ({0: 0.4}, outs(0.5, 0.5))}, qtdog)
+    results = tmp_path / "r" / "results.jsonl"
+    lines = results.read_text().splitlines()
+    last = json.loads(lines[-1])
+    last.update({f"swad_env{e}_{s}_acc": v for e in range(4)
+                 for s, v in (("in", 0.66 if e == 0 else 0.1), ("out", 0.8))})
+    results.write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    assert gaqat("tables", "--input_dir", str(tmp_path), "--format", "csv", "--selection",
+                 "train") == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    rows = table[table.domain == "A"].set_index("algorithm")
+    assert list(rows.index) == ["QTDoG", "SWAD_QTDoG", "SWAD_QTDoG (SWAD)"]
+    assert list(rows.loc["SWAD_QTDoG", ["val_mean", "test_mean"]]) == pytest.approx([90, 50])
+    assert list(rows.loc["SWAD_QTDoG (SWAD)", ["val_mean", "test_mean"]]) == pytest.approx(
+        [80, 66])
+    assert rows.loc["SWAD_QTDoG (SWAD)", "bits"] == "7/FP"
+    # the plots: the SWAD row is its one model at the last step, the plain row the run's curve
+    entries = [(run, 0) for run in tables.find_runs([str(tmp_path)])]
+    found = plots.cell_curves(tables.with_swad(entries),
+                              tables.select_cells(entries, "train", []), "train")
+    [curves] = found.values()
+    swad, plain = curves["SWAD_QTDoG (SWAD)", "7/FP"], curves["SWAD_QTDoG", "7/FP"]
+    assert [(c.steps, c.values["test"], c.chosen) for c in swad] == [((200,), (66.0,), 200)]
+    assert [(c.steps, c.chosen) for c in plain] == [((0, 200), 0)]
 
 
 def test_latex_and_errors(pacs, capsys):

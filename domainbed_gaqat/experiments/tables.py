@@ -6,15 +6,16 @@
         [--plots DIR [--overwrite]]   # and the curves behind each cell (experiments/plots.py)
 
 Rows: algorithm and W/A bit-width ("Full" for full precision), optionally split by hparams
-(Tables 5 and 6). Columns: the test domains, each "val/test", and Avg. A cell is the mean +-
-standard error over trials of the chosen checkpoint's accuracies (in %, DomainBed's convention:
-population std / sqrt(n)); the choice is made per (row, test-env group, trial) by
-:mod:`domainbed_gaqat.experiments.selection`; "val" is the mean training-domain validation
-accuracy and "test" the test-domain accuracy at that checkpoint (both domains of a DomainNet
-group share the group's run, so their val is the same, as in the paper's Table 3). Avg: per
-trial the mean over the domain columns, then mean +- standard error over the trials that have
-them all. Only finished runs count; unfinished ones, unreadable lines and jobs not launched are
-listed on stderr.
+(Tables 5 and 6); a run trained with SWAD adds its averaged model as the row ``<algorithm>
+(SWAD)`` (from the ``swad_`` accuracies of its last record). Columns: the test domains, each
+"val/test", and Avg. A cell is the mean +- standard error over trials of the chosen checkpoint's
+accuracies (in %, DomainBed's convention: population std / sqrt(n)); the choice is made per
+(row, test-env group, trial) by :mod:`domainbed_gaqat.experiments.selection`; "val" is the mean
+training-domain validation accuracy and "test" the test-domain accuracy at that checkpoint (both
+domains of a DomainNet group share the group's run, so their val is the same, as in the paper's
+Table 3). Avg: per trial the mean over the domain columns, then mean +- standard error over the
+trials that have them all. Only finished runs count; unfinished ones, unreadable lines and jobs
+not launched are listed on stderr.
 """
 
 import json
@@ -46,6 +47,35 @@ def row_of(run: RunFolder, split_by: list[str]) -> tuple:
     return (spec.algorithm, label, *(spec.hparams.get(k, "-") for k in split_by))
 
 
+SWAD_PREFIX, SWAD_ROW = "swad_", " (SWAD)"
+
+
+def swad_run(run: RunFolder) -> RunFolder | None:
+    """A run's SWAD model as a run of its own (None where it has none): one record, its last
+    record with the ``swad_env{i}_{in,out}_acc`` accuracies (the averaged model's, which
+    ``gaqat train`` adds to the last record) as ``env{i}_*_acc``, and the algorithm
+    ``<algorithm> (SWAD)``, the path the run's with `` (SWAD)`` (the plots tell them apart): a
+    row of the tables, selected like any other (among the grid's runs by the rule's criterion;
+    its one checkpoint is the final model)."""
+    if not run.records:
+        return None
+    last = max(run.records, key=lambda r: r["step"])
+    swad = {k.removeprefix(SWAD_PREFIX): v for k, v in last.items()
+            if k.startswith(SWAD_PREFIX + "env") and k.endswith("_acc")}
+    if not swad:
+        return None
+    plain = {k: v for k, v in last.items()
+             if not (k.startswith("env") and k.endswith("_acc")) and not k.startswith(SWAD_PREFIX)}
+    args = {**last["args"], "algorithm": last["args"]["algorithm"] + SWAD_ROW}
+    return RunFolder(run.path + SWAD_ROW, [{**plain, **swad, "args": args}], run.done)
+
+
+def with_swad(entries: list[tuple[RunFolder, int]]) -> list[tuple[RunFolder, int]]:
+    """``entries`` and their runs' SWAD models (:func:`swad_run`; every step counts)."""
+    return [*entries, *((model, 0) for model in map(swad_run, (run for run, _ in entries))
+                        if model)]
+
+
 def repetitions(candidates: list[tuple[RunFolder, int]]) -> list[list[tuple[RunFolder, int]]]:
     """A cell's candidates as repetitions: ensemble members (runs recorded with ``--member``,
     a sweep stage's ``members``) are repetitions of the cell, the m-th holding every grid
@@ -59,9 +89,10 @@ def repetitions(candidates: list[tuple[RunFolder, int]]) -> list[list[tuple[RunF
 
 def select_cells(entries: list[tuple[RunFolder, int]], rule: str,
                  split_by: list[str]) -> list[dict]:
-    """One chosen checkpoint per (dataset, row, test envs, trial) among finished runs."""
+    """One chosen checkpoint per (dataset, row, test envs, trial) among finished runs; a run
+    with a SWAD model (:func:`swad_run`) adds it to the ``<algorithm> (SWAD)`` row."""
     groups = defaultdict(list)
-    for run, eval_from in entries:
+    for run, eval_from in with_swad(entries):
         if run.done and run.records:
             spec = run.spec
             key = (spec.dataset, row_of(run, split_by), tuple(sorted(spec.test_envs)),
@@ -95,11 +126,14 @@ def _env_names(dataset: str) -> list[str] | None:
 
 
 def _row_order(row: tuple) -> tuple:
+    """Full precision first, then by bits; then registry order, a SWAD row after its
+    algorithm's."""
     algorithm, bits, *split = row
     order = list(ALGORITHMS)
     rank = (0, 0, 0) if bits == "Full" else (1, *(-int(b) if b != "FP" else -32
                                                    for b in bits.split("/")))
-    return (rank, order.index(algorithm) if algorithm in order else len(order), algorithm,
+    base = algorithm.removesuffix(SWAD_ROW)
+    return (rank, order.index(base) if base in order else len(order), algorithm,
             *((str(type(v)), v) for v in split))
 
 
@@ -287,7 +321,8 @@ def print_tables(configs: list[str], input_dirs: list[str] | None = None,
     print(render(table, split_by, fmt, rule))
     if plots:
         names = {d: _env_names(d) for d in {c["dataset"] for c in cells}}
-        written = write_plots(entries, cells, plots, rule, split_by, names, overwrite)
+        written = write_plots(with_swad(entries), cells, plots, rule, split_by, names,
+                              overwrite)
         print(f"Wrote {len(written)} plots to {plots}: {', '.join(map(os.path.basename, written))}",
               file=sys.stderr)
     return 0

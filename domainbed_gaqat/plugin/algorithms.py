@@ -20,7 +20,9 @@ from torch.utils.hooks import RemovableHandle
 from domainbed_gaqat.optim.freezing import ScaleFreezer
 from domainbed_gaqat.optim.sagm import sagm_step
 from domainbed_gaqat.optim.saq import saq_step
+from domainbed_gaqat.optim.swad import SWAD
 from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
+from domainbed_gaqat.plugin.hooks import require_loop
 from domainbed_gaqat.plugin.hparams import validate
 from domainbed_gaqat.plugin.initial_weights import initialize
 from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm, specs
@@ -203,9 +205,18 @@ class GAQAT_NoUnfreeze(GAQAT):
 class SAQ(LSQ):
     """SAM on the quantized weights, SAQ's case 3 (Liu et al.; rho 0.1 by default).
 
-    Beside the release: LSQ instead of its learnable-clip quantizer (LIQ), and the shared
-    featurizer's policy (stem input only, classifier full precision) instead of 8-bit first and
-    last layers; its "efficient training strategy" is not in its code, nor here.
+    As its release (``utils/qsam.py`` of zhuang-group/SAQ, default ``include_aclip=True``,
+    ``include_wclip=False``): the activation quantizers' learnable parameters are perturbed too
+    and counted in the norm; LIQ's are clip values ``a``, LSQ's are scales ``s = a / u``, so
+    here each activation scale moves by ``rho * dL/ds / ||g||`` with ``dL/ds`` the gradient the
+    optimizer sees (LSQ's gradient scale included); ``saq_perturb_act_scales: false`` leaves
+    them out. The weight scales are not perturbed (``include_wclip=False``). Beside the
+    release: LSQ instead of its learnable-clip quantizer (LIQ); the shared featurizer's policy
+    (stem input only, classifier full precision) instead of 8-bit first and last layers; Adam
+    at DomainBed's lr instead of SGD with Nesterov momentum and a cosine schedule; BatchNorm
+    statistics frozen (the shared featurizer's; the release updates them in both passes);
+    its "efficient training strategy" is not in its code, nor here. Measured in
+    docs/seed-systems.md.
     """
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
@@ -213,11 +224,15 @@ class SAQ(LSQ):
         self.quantized = [m for m in self.modules()
                           if isinstance(m, QuantConv2d) and m.w_quant is not None]
         quantized_ids = {id(m.weight) for m in self.quantized}
-        self.others = [p for p in self.weights if id(p) not in quantized_ids]
+        act_scales = ([q.scale for _, q in quantizers(self) if not q.is_weight]
+                      if hparams["saq_perturb_act_scales"] else [])
+        act_ids = {id(s) for s in act_scales}
+        self.perturbed = [p for p in self.weights if id(p) not in quantized_ids] + act_scales
+        self.unperturbed = [s for s in self.scales if id(s) not in act_ids]
 
     def step(self, x, y):
-        loss = saq_step(lambda: self.loss(x, y), self, self.quantized, self.others,
-                        self.scales, self.hparams["rho"])
+        loss = saq_step(lambda: self.loss(x, y), self, self.quantized, self.perturbed,
+                        self.unperturbed, self.hparams["rho"])
         self._before_optimizer_step()
         self.optimizer.step()
         return {"loss": loss}
@@ -229,11 +244,19 @@ class QTDoG(LSQ):
     step ``quant_start``.
 
     Before ``quant_start`` the quantizers are the identity; at it, each scale initialises from
-    the current weights. Every parameter is in the optimizer from step 0. ``qtdog_release``
-    reproduces the public release's two bugs: the stem's weights are quantized too (its
-    exclusion compared ``conv1`` with full names), and after ``quant_start`` the conv weights
-    and the scales stay fixed (the quantized modules were swapped in without rebuilding the
-    optimizer): only BatchNorm's affine parameters and the classifier train.
+    the current weights by LSQ's ``2 * mean|w_c| / sqrt(Q_P)`` and its gradient is scaled by
+    ``1 / sqrt(Q_P * N)``, ``N`` the whole weight tensor's size, as in the release
+    (``w_scale_init: mse`` and ``w_grad_scale_n: scale``, one channel's ``N`` as the LSQ paper,
+    are this project's alternatives). Every parameter is in the optimizer from step 0.
+    ``qtdog_release`` reproduces the public release's two bugs: the stem's weights are
+    quantized too (its exclusion compared ``conv1`` with full names), and after
+    ``quant_start`` the conv weights and the scales stay fixed (the quantized modules were
+    swapped in without rebuilding the optimizer): only BatchNorm's affine parameters and the
+    classifier train. Fixed exactly as under torch >= 2.0; under torch < 2.0 (the release
+    pins 1.10.1) ``zero_grad()`` kept zero gradients, so Adam's momentum moved the old
+    parameters, whose storage the swapped-in weights share, for a while after the swap (the
+    scales, never in the optimizer, stay fixed under any torch). Measured in
+    docs/seed-systems.md.
     """
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
@@ -260,6 +283,87 @@ class QTDoG(LSQ):
             for p in self.fixed_after_start:
                 p.grad = None  # Adam skips a parameter without a gradient
         super()._before_optimizer_step()
+
+
+class WithSWAD:
+    """SWAD (Cha et al. 2021) on top of an algorithm's step: dense weight averaging over the
+    loss valley of the training-domain validation loss (:mod:`domainbed_gaqat.optim.swad`, the
+    official rule and constants). Mixed in before a :class:`FeaturizerAlgorithm`.
+
+    Every step's parameters (all of them, quantizer scales included, as the release's
+    ``AveragedModel``) join the segment average; ``gaqat train``'s hooks hand it the validation
+    loss at each evaluation, and once the valley is dead it asks the loop to end the run (its
+    ``on_checkpoint`` returns True; the release stops there; later segments never count). At
+    the end the averaged parameters are loaded into the algorithm, so the run's ``model.pkl``
+    is the SWAD model and its accuracies join the last record as ``swad_env{i}_*_acc`` (the
+    last iterate's stay in every record). With ``quant_start`` (QT-DoG), SWAD restarts when
+    quantization starts, as QT-DoG's release does. Buffers are the model's: the shared
+    featurizer's BatchNorm is frozen, so their statistics are those of every iterate; the
+    official ``update_bn`` runs only without ``freeze_bn`` (it would reset the frozen
+    statistics to 0 / 1 and leave them there). Needs ``gaqat train``: DomainBed's train.py
+    refuses it.
+    """
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        require_loop(self.SPEC.name)
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.swad = SWAD(hparams["swad_n_converge"], hparams["swad_n_tolerance"],
+                         hparams["swad_tolerance_ratio"])
+
+    def step(self, x, y):
+        if self.swad.steps == self.hparams.get("quant_start", 0) > 0:
+            self.swad.restart()
+        stats = super().step(x, y)
+        self.swad.observe(list(self.parameters()))
+        return stats
+
+    def on_checkpoint(self, step: int, val_loss: float) -> bool:
+        """The segment since the previous evaluation goes to the loss valley; True (stop the
+        run) once the valley is dead."""
+        valley = self.swad.valley
+        converged = valley.converged
+        dead = self.swad.evaluated(val_loss)
+        if valley.converged and not converged:
+            print(f"SWAD: converged at step {valley.converge_step}, threshold "
+                  f"{valley.threshold:.6f}")
+        if dead:
+            print(f"SWAD: the loss valley is dead at step {step}: the run may end here")
+        return dead
+
+    def on_train_end(self, minibatches) -> None:
+        """Load the final average into the parameters (BatchNorm frozen: no statistics to
+        update, so ``minibatches`` are not used)."""
+        final = self.swad.final()
+        if final is None:
+            print("SWAD: nothing averaged: the model is the last iterate")
+            return
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.parameters()),
+                                 [t.to(p.device) for t, p in zip(final.tensors,
+                                                                 self.parameters())])
+        what = ("the average of" if self.swad.valley.converged
+                else "no loss valley found: the last segment,")
+        print(f"SWAD: the model is {what} {final.count} terms, steps "
+              f"{final.start_step}-{final.end_step}")
+        self.swad.restart()
+
+    def extra_models(self) -> dict[str, nn.Module]:
+        return {"swad": self}
+
+
+@algorithm(families=("swad",), baseline="ERM_FP")
+class SWAD_FP(WithSWAD, ERM_FP):
+    """SWAD (Cha et al. 2021): ERM on the full-precision featurizer with dense averaging."""
+
+
+@algorithm(families=("quant", "swad"), baseline="LSQ")
+class SWAD_LSQ(WithSWAD, LSQ):
+    """LSQ with SWAD's dense averaging (scales averaged too)."""
+
+
+@algorithm(families=("qtdog", "swad"), baseline="QTDoG", defaults={"weight_decay": 0.0})
+class SWAD_QTDoG(WithSWAD, QTDoG):
+    """QT-DoG as released: SWAD on, restarted when quantization starts (``quant_start``)."""
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = specs()

@@ -33,12 +33,18 @@ class QuantPolicy:
     def from_hparams(cls, hparams: dict) -> "QuantPolicy":
         """The paper's policy at ``w_bits`` / ``a_bits``; without ``a_bits``, weights only.
         The options are hparams of the algorithms that have them (QT-DoG's): ``w_per_channel``,
+        ``w_scale_init`` and ``w_grad_scale_n`` (the weight scales' initialisation and LSQ
+        gradient-scale count, :class:`QuantConfig`'s ``range_init`` and ``grad_scale_n``),
         ``quant_stem_weight`` (implied by ``qtdog_release``: its release quantized the stem),
         ``quant_start`` (quantizers start disabled when it is > 0)."""
         common = {"grad_scale": hparams["lsq_grad_scale"],
                   "enabled": hparams.get("quant_start", 0) == 0}
         granularity = "channel" if hparams.get("w_per_channel", False) else "tensor"
-        weight = QuantConfig(hparams["w_bits"], signed=True, granularity=granularity, **common)
+        options = {field: hparams[name] for name, field in (("w_scale_init", "range_init"),
+                                                            ("w_grad_scale_n", "grad_scale_n"))
+                   if name in hparams}
+        weight = QuantConfig(hparams["w_bits"], signed=True, granularity=granularity,
+                             **options, **common)
         bits = hparams.get("a_bits")
         return cls(weight=weight,
                    activation=QuantConfig(bits, signed=False, **common) if bits else None,

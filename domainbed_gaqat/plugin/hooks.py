@@ -7,7 +7,9 @@ end, an averaged model evaluated beside the last iterate) implements the optiona
 :class:`LoopHooks`; ``gaqat train`` calls those it finds, in this order:
 
 1. ``on_checkpoint(step, val_loss)`` after each evaluated checkpoint, with ``val_loss`` the mean
-   over the training domains of the mean cross-entropy on each domain's out split;
+   over the training domains of the mean cross-entropy on each domain's out split; a true
+   return value ends the run after this checkpoint, as if it were the last step (SWAD's dead
+   loss valley: its release stops training there);
 2. after the last step: ``on_train_end(minibatches)``, ``minibatches`` an iterator over more
    training batches (DomainBed minibatch lists, on the run's device), then
    ``extra_models()``: each model is evaluated on every split and its accuracies join the last
@@ -34,7 +36,7 @@ class LoopHooks(Protocol):
     """The optional training-loop hooks (see the module docstring); an algorithm may define
     any of them."""
 
-    def on_checkpoint(self, step: int, val_loss: float) -> None: ...
+    def on_checkpoint(self, step: int, val_loss: float) -> bool | None: ...
 
     def on_train_end(self, minibatches: Iterator[list]) -> None: ...
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm_class, plugin_spec
+from domainbed_gaqat.quant.config import GRAD_SCALE_COUNTS, RANGE_INITS
 
 # The paper's grids (sec. 4.1), default first: lr for every plugin algorithm on PACS and
 # DomainNet; GAQAT's r and K per (dataset, bits). RotatedDigits (the offline demo) is not in
@@ -154,14 +155,22 @@ def params(spec: AlgorithmSpec, dataset: str, bits: int = 4) -> dict[str, Param]
                        **weights)
     if "qtdog" in families:  # QT-DoG: LSQ on conv weights only, per channel, from a step on
         entries.update(w_bits=Param(7, _integer(2, 8)), w_per_channel=Param(True, _flag),
+                       w_scale_init=Param("lsq_mean", _one_of(RANGE_INITS)),
+                       w_grad_scale_n=Param("tensor", _one_of(GRAD_SCALE_COUNTS)),
                        quant_start=Param(2000, _integer(0, MAX_STEPS)),
                        quant_stem_weight=Param(False, _flag), qtdog_release=Param(False, _flag),
                        **weights)
     if "sagm" in families:
         entries.update(rho=Param(0.05, _real(0, MAX_RHO)),
                        alpha=Param(0.0005 if dataset == "DomainNet" else 0.001, _real(0, 1)))
-    if "saq" in families:  # SAQ's radius: 0.1 by default, 0.3-0.4 in its ImageNet scripts
-        entries.update(rho=Param(0.1, _real(0, MAX_RHO), (0.1, 0.05, 0.3, 0.4)))
+    if "saq" in families:  # SAQ's radius: 0.1 by default, 0.3-0.4 in its ImageNet scripts;
+        # its release perturbs the activation clips too (include_aclip): here the act. scales
+        entries.update(rho=Param(0.1, _real(0, MAX_RHO), (0.1, 0.05, 0.3, 0.4)),
+                       saq_perturb_act_scales=Param(True, _flag))
+    if "swad" in families:  # SWAD's LossValley, its official constants
+        entries.update(swad_n_converge=Param(3, _integer(1, 1000)),
+                       swad_n_tolerance=Param(6, _integer(1, 1000)),
+                       swad_tolerance_ratio=Param(0.3, _real(0, 100)))
     if "gaqat" in families:
         grid = gaqat_grid(dataset, bits)
         entries.update(gaqat_r=Param(grid["gaqat_r"][0], _real(0, 1), grid["gaqat_r"]),

@@ -15,7 +15,7 @@ True
 from collections.abc import Callable
 from dataclasses import dataclass
 
-FAMILIES = ("quant", "sagm", "gaqat", "saq", "qtdog")
+FAMILIES = ("quant", "sagm", "gaqat", "saq", "qtdog", "swad")
 QUANTIZED = ("quant", "qtdog")  # the families that quantize the featurizer
 _SPECS: dict[str, "AlgorithmSpec"] = {}
 
@@ -23,8 +23,9 @@ _SPECS: dict[str, "AlgorithmSpec"] = {}
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """``families``: the hyperparameter families it reads (``quant``: W/A bits and scales,
-    ``sagm``: rho and alpha, ``gaqat``: r and K, ``saq``: SAQ's rho, ``qtdog``: QT-DoG's
-    weight-only per-channel quantization and its start step); ``defaults``: its own defaults
+    ``sagm``: rho and alpha, ``gaqat``: r and K, ``saq``: SAQ's rho and what it perturbs,
+    ``qtdog``: QT-DoG's weight-only per-channel quantization and its start step, ``swad``:
+    SWAD's loss-valley rule); ``defaults``: its own defaults
     of shared hyperparameters; ``baseline``: the algorithm whose step it extends (the
     benchmark's ratios); ``benchmark``: timed by ``gaqat bench``."""
 

@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 
 GRANULARITIES = ("tensor", "channel")
-RANGE_INITS = ("mse", "minmax")
+RANGE_INITS = ("mse", "lsq_mean")
+GRAD_SCALE_COUNTS = ("scale", "tensor")
 
 
 def integer_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -21,12 +22,19 @@ class QuantConfig:
     ``bits`` (2..8) and ``signed`` give the integer grid; ``granularity`` ``tensor`` (one scale,
     the paper's "tensor-wise scale") or ``channel`` (one scale per output channel of a weight);
     ``grad_scale``: LSQ's gradient scaling ``1 / sqrt(N * u)`` (Esser et al. 2019, sec. 2.2);
-    ``range_init``: how the scale is initialised on the first tensor seen (``mse``: Nagel et al.
-    2021, sec. 3.4; ``minmax``: the largest magnitude on the top of the grid); ``enabled``: the
-    quantizer's initial state (disabled, it is the identity).
+    ``grad_scale_n``: what ``N`` counts for a weight, ``scale`` (the weights one scale
+    quantizes: one channel's per channel, the LSQ paper's) or ``tensor`` (the whole weight
+    tensor, as lsq-net and QT-DoG's release do; the same thing per tensor); for an activation
+    ``N`` is always its features per example. ``range_init``: how the scale is initialised on
+    the first tensor seen, ``mse`` (the clipping range of least squared error, Nagel et al.
+    2021, sec. 3.4) or ``lsq_mean`` (LSQ's ``2 * mean|v| / sqrt(u)``, Esser et al. 2019,
+    sec. 2.1); ``enabled``: the quantizer's initial state (disabled, it is the identity).
 
     >>> QuantConfig(bits=4, signed=False).bounds
     (0, 15)
+    >>> QuantConfig(bits=7, signed=True, granularity="channel", range_init="lsq_mean",
+    ...             grad_scale_n="tensor").bounds
+    (-64, 63)
     """
 
     bits: int
@@ -35,11 +43,13 @@ class QuantConfig:
     grad_scale: bool = True
     range_init: str = "mse"
     enabled: bool = True
+    grad_scale_n: str = "scale"
 
     def __post_init__(self) -> None:
         integer_range(self.bits, self.signed)
         for name, value, choices in (("granularity", self.granularity, GRANULARITIES),
-                                     ("range_init", self.range_init, RANGE_INITS)):
+                                     ("range_init", self.range_init, RANGE_INITS),
+                                     ("grad_scale_n", self.grad_scale_n, GRAD_SCALE_COUNTS)):
             if value not in choices:
                 raise ValueError(f"{name} {value!r}: expected one of {choices}")
         for name in ("signed", "grad_scale", "enabled"):

@@ -67,11 +67,17 @@ class LSQQuantizer(nn.Module):
 
     def grad_scale(self, v: torch.Tensor) -> float:
         """LSQ gradient scale ``1 / sqrt(N * u)`` (Esser et al. 2019, sec. 2.2), or 1 without
-        ``config.grad_scale``. ``N``: the weights one scale quantizes (all of them, or one
-        channel's), or the features per example of an activation (independent of the batch)."""
+        ``config.grad_scale``. ``N``: for a weight, the weights one scale quantizes (all of them,
+        or one channel's), or with ``config.grad_scale_n == "tensor"`` the whole tensor's; for an
+        activation its features per example (independent of the batch)."""
         if not self.config.grad_scale:
             return 1.0
-        n = v.numel() // self.scale.numel() if self.is_weight else v[0].numel()
+        if not self.is_weight:
+            n = v[0].numel()
+        elif self.config.grad_scale_n == "tensor":
+            n = v.numel()
+        else:
+            n = v.numel() // self.scale.numel()
         return 1.0 / math.sqrt(n * self.upper)
 
     @torch.no_grad()

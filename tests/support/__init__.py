@@ -1,6 +1,7 @@
 """The test suite's helpers (fixtures stay in ``tests/conftest.py``):
 
-- :mod:`support.helpers`: subprocesses in this environment, ``gaqat`` in process, tiny hparams;
+- :mod:`support.helpers`: subprocesses in this environment, ``gaqat`` in process, tiny hparams,
+  a run folder as train.py writes it;
 - :mod:`support.references`: the independent references the tests compare against;
 - :mod:`support.image_folders`: tiny DomainBed image folders and a MoCo-style file;
 - :mod:`support.inspect_fixtures`: tiny trained runs shared by the inspection tests;

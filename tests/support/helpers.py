@@ -1,6 +1,8 @@
 """Helpers of the test suite: child processes in this environment, ``gaqat`` in process, tiny
-hparams. DomainBed is the real clone set up by ``make setup``."""
+hparams, a run folder as train.py writes it. DomainBed is the real clone set up by
+``make setup``."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,3 +45,23 @@ def gaqat(*argv: str) -> int:
     from domainbed_gaqat import cli
 
     return cli.main(list(argv))
+
+
+def write_run(folder, algorithm: str, dataset_envs: int, test_envs: list[int], trial: int,
+              accs: dict[int, tuple[dict, dict]], hparams: dict, done: bool = True,
+              tail: str = "") -> None:
+    """A run as train.py writes it; ``accs``: step -> ({env: in_acc}, {env: out_acc}), every
+    other accuracy 0.0. ``tail`` is appended to results.jsonl as is (e.g. a truncated line)."""
+    os.makedirs(folder)
+    args = {"dataset": "PACS" if dataset_envs == 4 else "DomainNet", "algorithm": algorithm,
+            "test_envs": test_envs, "trial_seed": trial, "hparams_seed": 0}
+    with open(os.path.join(folder, "results.jsonl"), "w") as f:
+        for step, (ins, outs) in accs.items():
+            record = {"step": step, "args": args, "hparams": hparams}
+            for env in range(dataset_envs):
+                record[f"env{env}_in_acc"] = ins.get(env, 0.0)
+                record[f"env{env}_out_acc"] = outs.get(env, 0.0)
+            f.write(json.dumps(record) + "\n")
+        f.write(tail)
+    if done:
+        open(os.path.join(folder, "done"), "w").close()

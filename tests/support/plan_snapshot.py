@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = "/tmp/domainbed-gaqat-plan-snapshot"
 CONFIGS = ("demo", "pacs_w4a4", "pacs_w3a3", "domainnet_w4a4", "domainnet_w3a3",
-           "pacs_ablation", "pacs_freeze_steps", "pacs_threshold")
-TABLES = ("demo", "pacs_w4a4", "domainnet_w4a4", "pacs_freeze_steps")
+           "pacs_ablation", "pacs_freeze_steps", "pacs_threshold", "pacs_qat_w4a4", "qtdog_pacs")
+TABLES = ("demo", "pacs_w4a4", "domainnet_w4a4", "pacs_freeze_steps", "qtdog_pacs")
 STORED = Path(__file__).resolve().parents[1] / "data" / "plans.json"
 
 
@@ -32,7 +32,9 @@ def _unit(*parts: object) -> float:
 
 def fabricate(job, n_envs: int) -> None:
     """Write ``job``'s run as train.py would (records at step 0 and its last step, ``done``,
-    a ``model.pkl`` placeholder); accuracies depend on what the run is, not where it is."""
+    a ``model.pkl`` placeholder; a run with SWAD's hparams has its averaged model's
+    ``swad_env*`` accuracies in the last record); accuracies depend on what the run is, not
+    where it is."""
     from domainbed_gaqat.experiments.runs import RunSpec
 
     args = {k: v for k, v in job.train_args.items() if k != "hparams"}
@@ -46,6 +48,9 @@ def fabricate(job, n_envs: int) -> None:
             for env in range(n_envs):
                 for split in ("in", "out"):
                     record[f"env{env}_{split}_acc"] = round(_unit(*key, step, env, split), 4)
+                    if "swad_n_converge" in hparams and step > 0:
+                        record[f"swad_env{env}_{split}_acc"] = round(
+                            _unit(*key, "swad", env, split), 4)
             f.write(json.dumps(record) + "\n")
     for name in ("done", "model.pkl"):
         with open(os.path.join(job.output_dir, name), "w") as f:

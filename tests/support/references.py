@@ -10,12 +10,14 @@ here imports ``domainbed_gaqat``.
 - MSE range estimation (Nagel et al. 2021, sec. 3.4) by brute force over a candidate set.
 - Gradient disorder (GAQAT Definition 3.1) and the freezing rule (Algorithm 1, Table 4).
 - Test-domain / training-domain validation and the tables (DomainBed's protocol as
-  ``experiments/selection.py`` states it, with its tie-break).
+  ``experiments/selection.py`` states it, with its tie-break), the SWAD rows included.
+- SWAD's ``LossValley`` (Cha et al. 2021), transcribed from its official code (``swad.py``,
+  ``swa_utils.py``) onto segment indices.
 """
 
 import math
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
 from fractions import Fraction
 
 import numpy as np
@@ -178,7 +180,7 @@ def schedule_reference(g_task: list[list[float]], g_smooth: list[list[float]], K
 
 
 def train_envs(record: dict) -> list[int]:
-    n = sum(1 for key in record if key.endswith("_out_acc"))
+    n = sum(1 for key in record if key.startswith("env") and key.endswith("_out_acc"))
     return [e for e in range(n) if e not in record["args"]["test_envs"]]
 
 
@@ -258,3 +260,77 @@ def table_reference(runs: list[tuple[str, list[dict], int]], rule: str,
                 tuple(statistics.fmean(p[i] for p in values.values()) for i in (0, 1)))
     return {key: (*_mean_se([p[0] for p in pairs]), *_mean_se([p[1] for p in pairs]),
                   len(pairs)) for key, pairs in by_cell.items()}
+
+
+def swad_rows(runs: list[tuple[str, list[dict], int]]) -> list[tuple[str, list[dict], int]]:
+    """The SWAD models of runs as runs: a run whose last record (the highest step) has
+    ``swad_env{i}_{in,out}_acc`` keys gives one run of one record, those accuracies as its
+    ``env{i}_*_acc``, the algorithm ``<algorithm> (SWAD)``, every step counted."""
+    out = []
+    for path, records, _ in runs:
+        last = max(records, key=lambda r: r["step"])
+        swad = {k[len("swad_"):]: v for k, v in last.items() if k.startswith("swad_env")}
+        if swad:
+            record = {k: v for k, v in last.items() if not k.startswith(("env", "swad_"))}
+            record.update(swad)
+            record["args"] = dict(last["args"], algorithm=last["args"]["algorithm"] + " (SWAD)")
+            out.append((path, [record], 0))
+    return out
+
+
+# --- SWAD's LossValley -----------------------------------------------------------------------
+
+
+def loss_valley_reference(losses: list[float], n_converge: int, n_tolerance: int,
+                          tolerance_ratio: float) -> dict:
+    """The official ``LossValley.update_and_evaluate`` at each of ``losses`` (segment ``i``
+    ends at evaluation ``i``), then ``get_final_model``, on segment indices. Returns the
+    evaluation it converged at (the converging segment's index) or None, the evaluation the
+    valley died at or None, and ``terms``: the segments the final average is the mean of, in
+    the order ``update_parameters`` saw them (``AveragedModel(segment)`` starts at
+    ``n_averaged = 0``, so its first update overwrites the copy: a final model that was never
+    updated is its copy of the converging segment); without convergence the last segment."""
+    converge_q, smooth_q = deque(maxlen=n_converge), deque(maxlen=n_tolerance)
+    converge_step = threshold = dead = None
+    copy_of, updates = None, []
+    for i in range(len(losses)):
+        if dead is not None:
+            break  # the trainer stops training
+        converge_q.append(i)
+        smooth_q.append(i)
+        if converge_step is None:
+            if len(converge_q) < n_converge:
+                continue
+            q = list(converge_q)
+            min_idx = min(range(len(q)), key=lambda j: (losses[q[j]], j))  # np.argmin
+            if min_idx == 0:
+                converge_step = q[0]
+                copy_of = q[0]
+                threshold = statistics.fmean(losses[j] for j in q) * (1.0 + tolerance_ratio)
+                if n_tolerance < n_converge:
+                    for k in range(n_converge - n_tolerance):
+                        updates.append(q[1 + k])
+                elif n_tolerance > n_converge:
+                    window = list(smooth_q)[:n_tolerance - n_converge + 1]
+                    start_idx = 0
+                    for k in reversed(range(len(window))):
+                        if losses[window[k]] > threshold:
+                            start_idx = k + 1
+                            break
+                    updates += window[start_idx + 1:]
+            continue
+        if smooth_q[0] < converge_step:
+            continue
+        if min(losses[j] for j in smooth_q) > threshold:
+            dead = i
+            continue
+        updates.append(smooth_q[0])
+    if converge_step is None:
+        return {"converged": None, "dead": None, "terms": [len(losses) - 1] if losses else []}
+    if dead is None:
+        smooth_q.popleft()
+        while smooth_q:
+            if min(losses[j] for j in smooth_q) > threshold:
+                break
+            updates.append(smooth_q.popleft())
+    return {"converged": converge_step, "dead": dead, "terms": updates or [copy_of]}
