@@ -20,8 +20,14 @@ def recorded(job) -> dict:
     return {"step": 0, "args": train.recorded_args(args), "hparams": json.loads(args.hparams)}
 
 
+def qtdog_stage(output_dir, data_dir) -> sweep.PlannedStage:
+    """The planned stage ``qtdog`` of ``qtdog_pacs`` (five members per job)."""
+    config = configs.load_config("qtdog_pacs")
+    return next(s for s in sweep.plan(config, output_dir, data_dir) if s.name == "qtdog")
+
+
 def test_a_jobs_records_are_the_same_run(tmp_path):
-    [stage] = [s for s in sweep.plan(configs.load_config("qtdog_pacs"), tmp_path, tmp_path)]
+    stage = qtdog_stage(tmp_path, tmp_path)
     for job in stage.jobs[:10]:
         planned, ran = RunSpec.from_train_args(job.train_args), RunSpec.from_record(recorded(job))
         assert planned.identity == ran.identity and not planned.differences(ran)
@@ -32,7 +38,7 @@ def test_a_jobs_records_are_the_same_run(tmp_path):
 
 
 def test_the_locator_finds_a_moved_run(tmp_path):
-    [stage] = sweep.plan(configs.load_config("qtdog_pacs"), tmp_path / "out", tmp_path)
+    stage = qtdog_stage(tmp_path / "out", tmp_path)
     job = stage.jobs[3]
     (tmp_path / "elsewhere" / "x").mkdir(parents=True)
     record = {**recorded(job), **{f"env{e}_{s}_acc": 0.5 for e in range(4) for s in ("in", "out")}}
