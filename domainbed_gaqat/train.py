@@ -421,12 +421,11 @@ class Training:
 
     def _host_vals(self) -> dict[str, list[float]]:
         """The step statistics so far as floats (one host sync for all of them)."""
-        out = {}
-        for key, values in self.step_vals.items():
-            tensors = [v for v in values if isinstance(v, torch.Tensor)]
-            floats = iter(torch.stack(tensors).double().tolist()) if tensors else iter(())
-            out[key] = [next(floats) if isinstance(v, torch.Tensor) else float(v)
-                        for v in values]
+        tensors = [v for values in self.step_vals.values() for v in values
+                   if isinstance(v, torch.Tensor)]
+        read = iter(torch.stack([t.double() for t in tensors]).tolist() if tensors else ())
+        out = {key: [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+               for key, values in self.step_vals.items()}
         self.step_vals = collections.defaultdict(list, out)
         return out
 
@@ -518,15 +517,18 @@ class Training:
         results["mem_gb"] = torch.cuda.max_memory_allocated() / (1024.0 * 1024.0 * 1024.0)
         return results, losses
 
-    def loop_hooks(self, step: int, last: bool, results: dict, losses: list[float]) -> None:
+    def loop_hooks(self, step: int, last: bool, results: dict, losses: list[float]) -> bool:
         """The algorithm's loop hooks (:mod:`~domainbed_gaqat.plugin.hooks`): the validation
-        loss at every checkpoint; after the last, ``on_train_end`` and the extra models'
-        accuracies in the last record."""
+        loss at every checkpoint (``on_checkpoint`` may end the run: SWAD's dead valley); at
+        the end, ``on_train_end`` and the extra models' accuracies in the last record.
+        Returns whether the run ends here."""
         on_checkpoint = getattr(self.algorithm, "on_checkpoint", None)
-        if on_checkpoint is not None:
-            on_checkpoint(step, float(np.mean(losses)))
+        if on_checkpoint is not None and on_checkpoint(step, float(np.mean(losses))) and not last:
+            print(f"{self.args.algorithm} ends the run at step {step} (before step "
+                  f"{self.data.n_steps - 1})")
+            last = True
         if not last:
-            return
+            return False
         on_train_end = getattr(self.algorithm, "on_train_end", None)
         if on_train_end is not None:
             batches, _ = self.data.streams(self.data.n_steps)
@@ -537,6 +539,7 @@ class Training:
         for prefix, model in (extra() if extra is not None else {}).items():
             for name, split in zip(self.data.eval_names, self.data.eval_splits):
                 results[f"{prefix}_{name}_acc"], _ = self.accuracy(model, name, split, False)
+        return True
 
     def record(self, results: dict) -> None:
         from domainbed.lib import misc
@@ -557,15 +560,16 @@ class Training:
                 self.algorithm))
 
     def checkpoint(self, step: int, last: bool) -> None:
-        """Evaluate and record ``step``. A stop signal interrupts the evaluation (the state is
-        saved with the record pending), not the hooks, which change the algorithm."""
+        """Evaluate and record ``step`` (``self.ended`` when the run ends there). A stop signal
+        interrupts the evaluation (the state is saved with the record pending), not the hooks,
+        which change the algorithm."""
         try:
             with self.stop.interruptible():
                 results, losses = self.measure(step)
         except Interrupted:
             self.save_state(step + 1, pending_record=True)
             raise
-        self.loop_hooks(step, last, results, losses)
+        self.ended = self.loop_hooks(step, last, results, losses)
         self.record(results)
         if self.args.save_model_every_checkpoint:
             self.save_model(f"model_step{step}.pkl")
@@ -573,7 +577,7 @@ class Training:
     # --- the loop ------------------------------------------------------------------------
 
     def run(self) -> int:
-        step, pending = 0, False
+        step, pending, self.ended = 0, False, False
         if self.saved is not None:
             step, pending = self.restore()
             print(f"Resuming from step {step} ({self.folder.file('resume.pt')})")
@@ -581,7 +585,7 @@ class Training:
         try:
             if pending:
                 self.checkpoint(step - 1, step == self.data.n_steps)
-            while step < self.data.n_steps:
+            while step < self.data.n_steps and not self.ended:
                 step = self.train_until_checkpoint(step)
         except Interrupted:
             step = -1  # the loaders go with the traceback, at the end of this block
@@ -616,6 +620,8 @@ class Training:
                 self.check_finite()
                 self.step_vals = collections.defaultdict(list)
             step += 1
+            if self.ended:
+                break
             if self.stop.signum and step < n_steps:
                 self.save_state(step)
                 raise Interrupted(self.stop.signum)

@@ -306,8 +306,9 @@ def test_a_full_disk_fails_plainly_and_the_rerun_completes(reference, tmp_path):
             subprocess.run(["umount", "-l", str(disk)])
 
 
-STUB = '''"""Test stub, isolating the divergence mechanism of gaqat train: DomainBed's ERM whose
-step statistic is not finite from step 5 on (as a device tensor, or as a float)."""
+STUB = '''"""Test stubs, isolating two mechanisms of gaqat train: DomainBed's ERM whose step
+statistic is not finite from step 5 on (as a device tensor, or as a float); and one whose
+loop hook ends the run at step 4, with an extra model evaluated in the last record."""
 import torch
 from domainbed import algorithms
 
@@ -326,7 +327,16 @@ class InfFrom5(algorithms.ERM):
         return {"loss": loss if self.steps <= 5 else float("inf")}
 
 
-for cls in (NaNFrom5, InfFrom5):
+class EndsAt4(algorithms.ERM):
+    def on_checkpoint(self, step, val_loss):
+        assert 0 < val_loss < 10
+        return step == 4
+
+    def extra_models(self):
+        return {"same": self}
+
+
+for cls in (NaNFrom5, InfFrom5, EndsAt4):
     setattr(algorithms, cls.__name__, cls)
     algorithms.ALGORITHMS.append(cls.__name__)
 '''
@@ -359,6 +369,25 @@ def test_divergence_stops_the_run_naming_the_step(tmp_path, algorithm):
         run([PYTHON, "-c", code, str(tmp_path), *argv, "--allow_nonfinite", "--output_dir",
              str(allowed)], timeout=900, **ENV)
         assert (allowed / "done").exists()
+
+
+@pytest.mark.slow
+def test_a_loop_hook_ends_the_run_early(tmp_path):
+    """``on_checkpoint`` returning True (SWAD's dead valley) ends the run at that checkpoint:
+    its record is the last, with the extra model's accuracies; model.pkl and done written."""
+    (tmp_path / "stub_divergence.py").write_text(STUB)
+    out = tmp_path / "run"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import stub_divergence\n"
+            "from domainbed_gaqat.cli import main; sys.exit(main(sys.argv[2:]))")
+    run([PYTHON, "-c", code, str(tmp_path), "train", "--dataset", "RotatedDigits",
+         "--algorithm", "EndsAt4", "--steps", "12", "--checkpoint_freq", "2", "--hparams",
+         json.dumps({"batch_size": 8}), "--output_dir", str(out)], timeout=900, **ENV)
+    found = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in found] == [0, 2, 4]
+    assert found[-1]["same_env0_in_acc"] == found[-1]["env0_in_acc"]
+    assert not any(k.startswith("same_") for r in found[:-1] for k in r)
+    assert (out / "done").exists() and (out / "model.pkl").exists()
+    assert "EndsAt4 ends the run at step 4" in (out / "out.txt").read_text()
 
 
 # --- bad input ------------------------------------------------------------------------------
