@@ -25,6 +25,7 @@ demo: setup
 
 # The whole suite but the paper configs (the Slurm tests included: they start a one-node
 # cluster on loopback, as root); test-fast is the edit-run loop (no subprocess-heavy tests);
+# both run the package's docstring examples too (--doctest-modules, pyproject.toml);
 # test-paper runs every paper config end to end on tiny image folders (about 15 minutes).
 test: setup
 	$(PY) -m ruff check .

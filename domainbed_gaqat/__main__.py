@@ -2,4 +2,5 @@
 
 from domainbed_gaqat.cli import gaqat
 
-gaqat()
+if __name__ == "__main__":
+    gaqat()

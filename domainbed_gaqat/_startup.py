@@ -22,7 +22,7 @@ TARGETS = (
     "domainbed.model_selection",
 )
 # Plugin modules that import a DomainBed registry. Imported first (``from
-# domainbed_gaqat.algorithms import LSQ`` before any ``import domainbed``), they are still
+# domainbed_gaqat.plugin.algorithms import LSQ`` before any ``import domainbed``), they are still
 # executing when that registry finishes, so it is patched when they finish instead.
 PLUGIN_MODULES = {
     "domainbed_gaqat.plugin.algorithms": "domainbed.algorithms",

@@ -17,7 +17,7 @@ resident set at once. Both count the model, gradients, Adam state and the step's
 the CPU figure also counts allocator slack. No ``tracemalloc``.
 
 Ratios are reported beside the targets of the setting (:data:`TARGETS`: CPU, CUDA, CUDA bf16).
-``--sync-check`` runs every plugin algorithm's sync-free step (``update_tensors``) through step
+``--sync_check`` runs every plugin algorithm's sync-free step (``update_tensors``) through step
 0, a plain step, a GAQAT K boundary and QT-DoG's ``quant_start`` (:func:`sync_check`) and
 reports each phase.
 """
@@ -90,19 +90,26 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--threads", type=options.positive_int,
                         help="torch.set_num_threads (CPU)")
-    parser.add_argument("--channels-last", action="store_true", help="models and inputs NHWC")
+    parser.add_argument("--channels_last", action="store_true", help="models and inputs NHWC")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (meant for CUDA)")
     parser.add_argument("--compile", action="store_true",
                         help="compiled quantizer kernels (quant.lsq.compile_kernels)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    parser.add_argument("--sync-check", action="store_true",
+    parser.add_argument("--no_memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--sync_check", action="store_true",
                         help="check that no plugin algorithm's step synchronises with the "
                         "host at step 0, a K boundary or quant_start (CUDA: its sync debug "
                         "mode; elsewhere: on the meta device); exit status 1 if one does")
-    parser.add_argument("--out", help="JSON path (default: out/bench/<device>-<arch>-<time>.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--output_dir", default=os.path.join("out", "bench"),
+                        help="where the JSON goes, named <device>-<arch>-<time>.json "
+                             "(default: out/bench)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     parser.add_argument("--quick", action="store_true",
                         help="tiny shapes, one repeat (for the test suite)")
+    for old, new in (("--channels-last", "--channels_last"), ("--no-memory", "--no_memory"),
+                     ("--sync-check", "--sync_check")):
+        parser.add_argument(old, action=options.Renamed, new=new, nargs=0, const=True,
+                            dest=new[2:])
+    parser.add_argument("--out", action=options.Renamed, new="--output_dir")  # the JSON file
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -116,9 +123,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.arch = args.arch or ("resnet50" if cuda else "resnet18")
     args.resolution = args.resolution or (224 if cuda else 96)
     args.batch = args.batch or (32 if cuda else 16)
-    if args.out is None:
+    if args.out is None:  # given: the former --out, the file itself
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.out = os.path.join("out", "bench", f"{args.device}-{args.arch}-{stamp}.json")
+        args.out = os.path.join(args.output_dir, f"{args.device}-{args.arch}-{stamp}.json")
     return args
 
 
@@ -496,7 +503,7 @@ def measure(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     args = resolve(args)
     if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists: pass --overwrite or another --out")
+        raise FileExistsError(f"{args.out} exists: pass --overwrite or another --output_dir")
     result = measure(args)
     print(report(result))
     outputs.write_text(args.out, json.dumps(result, indent=2), args.overwrite)

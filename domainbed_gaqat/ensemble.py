@@ -5,11 +5,12 @@ quantized models).
     gaqat ensemble --config NAME --output_dir OUT --json_dir DIR [--selection ...]
 
 The ensemble's prediction is the sum of the members' logits (QT-DoG's EoQ, as EoA). Members
-are DomainBed runs that differ only in their seed: the same dataset, algorithm, test envs,
-trial, holdout fraction, steps and hparams. Each member's model is its ``model.pkl``, or, when
-the run saved a model at every checkpoint (``--save_model_every_checkpoint``), the one its
-selection rule picks (default: training-domain validation, QT-DoG's). Every env's in and out
-splits are DomainBed's (the runs' train.py splits); the result is a DomainBed-style record
+are DomainBed runs that differ only in their seed: the same
+:class:`~domainbed_gaqat.experiments.runs.RunSpec` identity but for the member index
+(:func:`cell`). Each member's model is its ``model.pkl``, or, when the run saved a model at
+every checkpoint (``--save_model_every_checkpoint``), the one its selection rule picks
+(default: training-domain validation, QT-DoG's). Every env's in and out splits are
+DomainBed's (the runs' train.py splits); the result is a DomainBed-style record
 (``env{i}_in_acc``, ``env{i}_out_acc``, ``args`` with algorithm ``<name>+EoQ``), printed as a
 table and written to ``--json``; ``gaqat tables --ensembles FILE...`` shows it as a row. With
 ``--config``, every cell of the config's stages with ``members`` > 1 is ensembled, one file per
@@ -18,23 +19,29 @@ cell in ``--json_dir``.
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.experiments.results import Run, read_run
-from domainbed_gaqat.experiments.selection import RULES, choose
-from domainbed_gaqat.plugin.checkpoints import algorithm_from_checkpoint, load_checkpoint
+from domainbed_gaqat.experiments.results import RunFolder, read_run
+from domainbed_gaqat.experiments.runs import RunSpec
+from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
 from domainbed_gaqat.plugin.data import Data, default_device
+from domainbed_gaqat.plugin.model_files import algorithm_from_checkpoint, load_checkpoint
 from domainbed_gaqat.progress import track
 
-SHARED_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "holdout_fraction", "steps",
-               "task", "eval_from")
 SUFFIX = "+EoQ"
 
 
-def check_members(runs: list[Run]) -> None:
+def cell(spec: RunSpec) -> RunSpec:
+    """What a run's ensemble is (its members share it): the run with the member index and the
+    seeds left out."""
+    return replace(spec, member=0, seed=0, hparams_seed=0)
+
+
+def check_members(runs: list[RunFolder]) -> None:
     """Members must be finished runs that differ only in their seed."""
     if len(runs) < 2:
         raise ValueError(f"an ensemble needs two or more runs, got {len(runs)}")
@@ -43,24 +50,19 @@ def check_members(runs: list[Run]) -> None:
             raise ValueError(f"{run.path}: not a finished run (no 'done' file or no record)")
     first = runs[0]
     for run in runs[1:]:
-        for key in SHARED_ARGS:
-            if run.args.get(key) != first.args.get(key):
-                raise ValueError(f"members must share {key}: {first.path} has "
-                                 f"{first.args.get(key)!r}, {run.path} {run.args.get(key)!r}")
-        mine = {k: v for k, v in run.hparams.items() if k != "init_path"}
-        theirs = {k: v for k, v in first.hparams.items() if k != "init_path"}
-        if mine != theirs:
-            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-            raise ValueError(f"members must share their hparams: {run.path} and {first.path} "
-                             f"differ in {differ}")
-    seeds = [run.args.get("seed") for run in runs]
+        differ = cell(first.spec).differences(cell(run.spec))
+        if differ:
+            key, (theirs, mine) = next(iter(differ.items()))
+            raise ValueError(f"members must share {key}: {first.path} has {theirs!r}, "
+                             f"{run.path} {mine!r} (they differ in {sorted(differ)})")
+    seeds = [run.spec.seed for run in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"members must differ in their seed, got seeds {seeds}")
 
 
-def member_model(run: Run, rule: str) -> str:
+def member_model(run: RunFolder, rule: str) -> str:
     """The member's checkpoint: the one its rule picks if each checkpoint's model was saved."""
-    choice = choose([(run, run.args.get("eval_from") or 0)], rule)
+    choice = choose([(run, run.spec.eval_from)], rule)
     picked = os.path.join(run.path, f"model_step{choice.record['step']}.pkl")
     if os.path.isfile(picked):
         return picked
@@ -129,26 +131,24 @@ def config_cells(name: str, output_dir: str) -> list[tuple[str, list[str]]]:
     config = load_config(name)
     locator = Locator(find_runs([output_dir]))
     cells = []
-    for stage in plan(config, output_dir, output_dir, locator):
-        if stage.spec.get("members", 1) < 2:
+    for planned in plan(config, output_dir, output_dir, locator):
+        if planned.stage.members < 2:
             continue
-        if stage.blocked:
-            raise ValueError(stage.blocked)
-        groups: dict[tuple, list[str]] = {}
-        for job in stage.jobs:
-            run = locator.run(job)
+        if planned.blocked:
+            raise ValueError(planned.blocked)
+        groups: dict[str, tuple[RunSpec, list[str]]] = {}
+        for job in planned.jobs:
+            run = locator.find(job)
             if run is None or not run.done:
-                raise ValueError(f"stage {stage.name!r}: a member is not finished: "
+                raise ValueError(f"stage {planned.name!r}: a member is not finished: "
                                  f"{job.train_args['algorithm']} test envs "
                                  f"{job.train_args['test_envs']} ({job.output_dir})")
-            hparams = {k: v for k, v in run.hparams.items() if k != "init_path"}
-            key = (job.train_args["algorithm"], tuple(job.train_args["test_envs"]),
-                   job.train_args["trial_seed"], json.dumps(hparams, sort_keys=True))
-            groups.setdefault(key, []).append(run.path)
-        for (algorithm, test_envs, trial, _), members in groups.items():
-            envs = "-".join(map(str, test_envs))
-            cells.append((f"{stage.name}_{len(cells)}_{algorithm}_env{envs}_trial{trial}.json",
-                          members))
+            spec = cell(run.spec)
+            groups.setdefault(spec.identity, (spec, []))[1].append(run.path)
+        for spec, members in groups.values():
+            envs = "-".join(map(str, spec.test_envs))
+            cells.append((f"{planned.name}_{len(cells)}_{spec.algorithm}_env{envs}_trial"
+                          f"{spec.trial_seed}.json", members))
     return cells
 
 
@@ -158,7 +158,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", help="instead of runs: ensemble every cell of a config")
     parser.add_argument("--output_dir", help="with --config: the sweep's output folder")
     parser.add_argument("--json_dir", help="with --config: one record file per cell here")
-    parser.add_argument("--selection", choices=sorted(RULES), default="train",
+    parser.add_argument("--selection", choices=sorted(SELECTION_RULES), default="train",
                         help="the rule picking each member's checkpoint (when saved)")
     parser.add_argument("--overwrite", action="store_true")
     options.device(parser)

@@ -45,12 +45,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.plugin.checkpoints import (
-    load_algorithm,
-    quantized_algorithms,
-    require_quantized,
-)
 from domainbed_gaqat.plugin.data import Data, load_batches
+from domainbed_gaqat.plugin.model_files import load_algorithm, require_quantized
+from domainbed_gaqat.plugin.registry import quantized_algorithms
 from domainbed_gaqat.quant.modules import (
     LSQQuantizer,
     QuantConv2d,

@@ -96,14 +96,12 @@ def algorithms() -> list[dict]:
     return rows
 
 
-def planned_runs(config: dict) -> int:
-    """How many runs a config's stages plan (trials x test-env groups x algorithms x grid
-    points x members)."""
-    from domainbed_gaqat.experiments.configs import grid_points
-
-    per_job = config["trials"] * len(config["test_envs"])
-    return sum(per_job * len(s["algorithms"]) * len(grid_points(s["grid"])) * s["members"]
-               for s in config["stages"])
+def planned_runs(config) -> int:
+    """How many runs a parsed config's stages plan (trials x test-env groups x algorithms x
+    grid points x members)."""
+    per_job = config.trials * len(config.test_envs)
+    return sum(per_job * len(s.algorithms) * len(s.grid.points()) * s.members
+               for s in config.stages)
 
 
 def configs() -> list[dict]:
@@ -113,11 +111,10 @@ def configs() -> list[dict]:
     rows = []
     for name in config_names():
         config = load_config(name)
-        rows.append({"name": name, "paper": config.get("paper", ""),
-                     "dataset": config["dataset"], "bits": config.get("bits"),
-                     "trials": config["trials"], "test_envs": config["test_envs"],
-                     "stages": [s["name"] for s in config["stages"]],
-                     "runs": planned_runs(config)})
+        rows.append({"name": name, "paper": config.paper, "dataset": config.dataset,
+                     "bits": list(config.bits) if config.bits else None,
+                     "trials": config.trials, "test_envs": [list(g) for g in config.test_envs],
+                     "stages": [s.name for s in config.stages], "runs": planned_runs(config)})
     return rows
 
 

@@ -1,6 +1,8 @@
-"""Command-line parts the commands share: argument types and option groups."""
+"""Command-line parts the commands share: argument types, option groups, and the former
+spellings of renamed options."""
 
 import argparse
+import sys
 
 
 class CommandFailed(Exception):
@@ -17,6 +19,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
     return value
+
+
+class Renamed(argparse.Action):
+    """An option's former spelling, accepted for one release with a deprecation message on
+    stderr (``nargs=0``: a flag that sets ``const``).
+
+    >>> parser = argparse.ArgumentParser(prog="gaqat x")
+    >>> _ = parser.add_argument("--new_name", action="store_true")
+    >>> _ = parser.add_argument("--new-name", action=Renamed, new="--new_name", nargs=0,
+    ...                         const=True, dest="new_name")
+    >>> parser.parse_args(["--new-name"]).new_name  # stderr: ... --new-name is deprecated ...
+    True
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated: use {self.new} (the old "
+              "spelling is accepted until the next release)", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
 def output(parser: argparse.ArgumentParser) -> None:

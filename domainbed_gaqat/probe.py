@@ -22,9 +22,9 @@ from torch import nn
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.plugin.checkpoints import load_algorithm, require_quantized
 from domainbed_gaqat.plugin.data import Data, default_device
 from domainbed_gaqat.plugin.featurizer import scale_label
+from domainbed_gaqat.plugin.model_files import load_algorithm, require_quantized
 from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import LSQQuantizer, quantizers
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.plugin.checkpoints import load_algorithm
 from domainbed_gaqat.plugin.data import Data, default_device, load_batches
+from domainbed_gaqat.plugin.model_files import load_algorithm
 from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import quantizers
 

@@ -26,14 +26,11 @@ from torch import nn
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.optim.freezing import DisorderTracker
-from domainbed_gaqat.plugin.checkpoints import (
-    algorithm_class,
-    checkpoint_dict,
-    quantized_algorithms,
-)
 from domainbed_gaqat.plugin.data import Data, default_device
 from domainbed_gaqat.plugin.featurizer import scale_label
 from domainbed_gaqat.plugin.hparams import train_hparams
+from domainbed_gaqat.plugin.model_files import checkpoint_dict
+from domainbed_gaqat.plugin.registry import algorithm_class, quantized_algorithms
 from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import quantizers
 

@@ -57,9 +57,10 @@ from domainbed_gaqat import options
 from domainbed_gaqat.experiments.runfiles import MODEL, RunFiles
 from domainbed_gaqat.experiments.runs import OWN_DEFAULTS, PRECISIONS, RunSpec
 from domainbed_gaqat.plugin import hooks, loaders
-from domainbed_gaqat.plugin.checkpoints import algorithm_class, checkpoint_dict
 from domainbed_gaqat.plugin.data import build_dataset, split_envs
 from domainbed_gaqat.plugin.hparams import train_hparams
+from domainbed_gaqat.plugin.model_files import checkpoint_dict
+from domainbed_gaqat.plugin.registry import algorithm_class
 
 STOP_SIGNALS = loaders.STOP_SIGNALS
 SEED_LIMIT = 2**32  # NumPy's seeds

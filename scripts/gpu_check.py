@@ -66,8 +66,8 @@ SETTINGS = {
 }
 # the bench runs, by name: eager kernels with peak memory first, compiled kernels (time only)
 # last, since their first calls compile
-EAGER = {"fp32": [], "bf16_channels_last": ["--bf16", "--channels-last"]}
-COMPILED = {f"{name}_compiled": [*options, "--compile", "--no-memory"]
+EAGER = {"fp32": [], "bf16_channels_last": ["--bf16", "--channels_last"]}
+COMPILED = {f"{name}_compiled": [*options, "--compile", "--no_memory"]
             for name, options in EAGER.items()}
 # rough seconds each part needs on the GPU (skipped if less remains)
 NEEDS_S = {"bench": 45, "bench_compiled": 100, "sync_check": 60, "train": 150, "tests": 40}
@@ -127,13 +127,14 @@ def tail(log: Path, lines: int = 15) -> str:
 
 
 def bench(name: str, options: list[str], settings: dict, work: Path, timeout: float) -> dict:
-    out = work / f"bench_{name}.json"
-    cmd = gaqat("bench", *settings["bench"], *options, "--out", str(out))
+    folder = work / f"bench_{name}"
+    cmd = gaqat("bench", *settings["bench"], *options, "--output_dir", str(folder))
     rc, seconds = run_logged(cmd, work / f"bench_{name}.log", timeout)
     result = {"command": cmd[1:], "returncode": rc, "wall_s": round(seconds, 1)}
-    if not out.exists():
+    written = sorted(folder.glob("*.json"))
+    if len(written) != 1:
         return {**result, "error": tail(work / f"bench_{name}.log")}
-    data = json.loads(out.read_text())
+    data = json.loads(written[0].read_text())
     result["config"] = data["config"]
     result["variants"] = {v: {"ms_median": 1e3 * row["time_s"]["median"],
                               "images_per_s": row["images_per_s"],
@@ -171,7 +172,7 @@ def sync_check(settings: dict) -> dict:
     from domainbed_gaqat import cli
 
     out = {}
-    for name, extra in (("fp32", []), ("bf16", ["--bf16", "--channels-last"])):
+    for name, extra in (("fp32", []), ("bf16", ["--bf16", "--channels_last"])):
         args = bench_module.resolve(cli.command_parser("bench")[0].parse_args(
             [*settings["sync"], *extra]))
         device = torch.device(args.device)

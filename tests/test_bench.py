@@ -4,10 +4,11 @@ detection on the meta device (here) and CUDA (tests/test_device.py)."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
-from conftest import PYTHON, gaqat, run
+from support.helpers import PYTHON, gaqat, run
 
 from domainbed_gaqat import bench, cli
 from domainbed_gaqat.experiments import outputs
@@ -17,9 +18,10 @@ from domainbed_gaqat.quant.modules import quantizers
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_ratio(tmp_path):
-    out = tmp_path / "bench.json"
     proc = run([PYTHON, "-m", "domainbed_gaqat.bench", "--quick", "--threads", "1",
-                "--out", str(out)], timeout=600)
+                "--output_dir", str(tmp_path)], timeout=600)
+    [out] = tmp_path.iterdir()  # <device>-<arch>-<time>.json, no temporary left
+    assert re.fullmatch(r"cpu-resnet18-\d{8}-\d{6}\.json", out.name), out.name
     data = json.loads(out.read_text())
     assert set(data["variants"]) == {"ERM_FP", "LSQ", "SAGM_LSQ", "GAQAT", "predict_FP",
                                      "predict_LSQ", "quantizer", "quantizer_fused"}
@@ -36,7 +38,6 @@ def test_quick_benchmark_writes_every_ratio(tmp_path):
         assert all(m > 0 for m in memory)
         assert data["ratios"]["LSQ/FP"]["memory"] > 0
     assert data["config"]["quick"] and data["config"]["repeats"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary left
 
 
 def test_write_json_is_atomic_and_keeps_existing_files(tmp_path):
@@ -53,9 +54,23 @@ def test_write_json_is_atomic_and_keeps_existing_files(tmp_path):
 def test_existing_output_is_refused_before_running(tmp_path, capsys):
     out = tmp_path / "bench.json"
     out.write_text("{}")
-    assert gaqat("bench", "--quick", "--out", str(out)) == 2
-    assert "exists" in capsys.readouterr().err
+    assert gaqat("bench", "--quick", "--out", str(out)) == 2  # the former spelling: the file
+    err = capsys.readouterr().err
+    assert "--out is deprecated: use --output_dir" in err and f"{out} exists" in err
     assert out.read_text() == "{}"
+
+
+def test_former_option_spellings_still_work_with_a_message(capsys):
+    parser = cli.command_parser("bench")[0]
+    flags = ("channels_last", "no_memory", "sync_check")
+    old = parser.parse_args(["--channels-last", "--no-memory", "--sync-check"])
+    err = capsys.readouterr().err
+    for flag in flags:
+        assert f"--{flag.replace('_', '-')} is deprecated: use --{flag}" in err
+    new = parser.parse_args([f"--{flag}" for flag in flags])
+    assert capsys.readouterr().err == ""
+    assert all(getattr(old, f) and getattr(new, f) for f in flags)
+    assert not any(getattr(parser.parse_args([]), f) for f in flags)
 
 
 def test_summary_and_ratios_are_per_repeat():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import domainbed
 import pytest
-from conftest import run
+from support.helpers import run
 
 from domainbed_gaqat.plugin import datasets as plugin_datasets
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS

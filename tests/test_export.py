@@ -25,12 +25,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import gaqat, tiny_hparams
-from inspect_fixtures import gaqat_w4, lsq_w3
 from onnx import TensorProto, helper, numpy_helper
+from support.helpers import gaqat, tiny_hparams
+from support.inspect_fixtures import gaqat_w4, lsq_w3
 
 from domainbed_gaqat import export
-from domainbed_gaqat.plugin import checkpoints
+from domainbed_gaqat.plugin import model_files, registry
 from domainbed_gaqat.quant.modules import QuantConv2d, quantizers
 
 
@@ -41,7 +41,7 @@ def exported(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"export_{request.param}")
     assert gaqat("export", pkl, "--n_random", "32", "--output_dir", str(out)) == 0
     report = json.loads((out / "export.json").read_text())
-    algorithm, _ = checkpoints.load_algorithm(pkl)
+    algorithm, _ = model_files.load_algorithm(pkl)
     return {"report": report, "dir": str(out), "algorithm": algorithm,
             "bits": 4 if request.param == "gaqat_w4" else 3}
 
@@ -225,8 +225,8 @@ def test_size_ratio_matches_the_parameter_count(exported) -> None:
 
 
 def test_unquantized_model_is_a_clear_error() -> None:
-    alg = checkpoints.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
+    alg = registry.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
     with pytest.raises(ValueError, match="no quantizers"):
         export.build_model(alg, quantize=True)
     with pytest.raises(ValueError, match="expected a quantized model"):
-        checkpoints.require_quantized({"args": {"algorithm": "ERM_FP"}}, "x/model.pkl")
+        model_files.require_quantized({"args": {"algorithm": "ERM_FP"}}, "x/model.pkl")

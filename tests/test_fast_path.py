@@ -12,7 +12,8 @@ differences through the network: ``rtol = 1e-4``.
 
 import pytest
 import torch
-from conftest import PYTHON, run, tiny_hparams
+from support.helpers import PYTHON, run, tiny_hparams
+from support.references import lsq_autograd
 from torch import nn
 
 from domainbed_gaqat.optim.sagm import frozen_bn_statistics
@@ -21,7 +22,6 @@ from domainbed_gaqat.quant import lsq, modules
 from domainbed_gaqat.quant.config import integer_range
 from domainbed_gaqat.quant.lsq import lsq_quantize
 from domainbed_gaqat.quant.modules import quantizers
-from tests.references import lsq_autograd
 
 
 def _values(shape: tuple[int, ...], lower: int, upper: int, scale: float,

@@ -13,10 +13,10 @@ from fractions import Fraction
 
 import pytest
 import torch
+from support.helpers import tiny_hparams
+from support.references import disorder_reference, schedule_reference
 
 from domainbed_gaqat.optim.freezing import DisorderTracker, ScaleFreezer, freeze_decision
-from tests.conftest import tiny_hparams
-from tests.references import disorder_reference, schedule_reference
 
 # --- running the implementation ---------------------------------------------------------------
 

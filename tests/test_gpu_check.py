@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, run
+from support.helpers import PYTHON, run
 
 from domainbed_gaqat import bench
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS

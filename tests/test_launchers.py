@@ -10,20 +10,23 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, gaqat, run
 from domainbed import command_launchers
 from submitit.core.utils import DelayedSubmission
+from support.helpers import PYTHON, gaqat, run
 
 from domainbed_gaqat.plugin import launchers
 
-ENV = [variable for variable, _, _ in launchers.SETTINGS.values()]
-SMALL = {"GAQAT_SUBMITIT_CPUS": "1", "GAQAT_SUBMITIT_GPUS": "0", "GAQAT_SUBMITIT_MEM_GB": "1",
-         "GAQAT_SUBMITIT_TIME_MIN": "20", "GAQAT_SUBMITIT_WAIT": "1",
-         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ENV = [prefix + f.name.upper() for f in fields(launchers.SlurmSettings)
+       for prefix in (launchers.ENV_PREFIX, launchers.OLD_ENV_PREFIX)]
+SMALL = {"DOMAINBED_GAQAT_SUBMITIT_CPUS": "1", "DOMAINBED_GAQAT_SUBMITIT_GPUS": "0",
+         "DOMAINBED_GAQAT_SUBMITIT_MEM_GB": "1", "DOMAINBED_GAQAT_SUBMITIT_TIME_MIN": "20",
+         "DOMAINBED_GAQAT_SUBMITIT_WAIT": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -36,23 +39,42 @@ def test_registered_in_domainbed():
     assert command_launchers.REGISTRY["submitit"] is launchers.submitit_launcher
 
 
+def settings(section: dict | None = None) -> launchers.SlurmSettings:
+    return launchers.SlurmSettings().updated(section or {}).with_environment()
+
+
 def test_settings_defaults_config_then_environment(monkeypatch):
-    assert launchers.settings()["time_min"] == 1440
-    assert launchers.settings({"time_min": 90, "partition": "gpu"})["partition"] == "gpu"
-    monkeypatch.setenv("GAQAT_SUBMITIT_TIME_MIN", "30")
-    monkeypatch.setenv("GAQAT_SUBMITIT_WAIT", "1")
-    s = launchers.settings({"time_min": 90, "cpus": 4})
-    assert (s["time_min"], s["cpus"], s["wait"], s["gpus"]) == (30, 4, True, 1)
-    monkeypatch.setenv("GAQAT_SUBMITIT_GPUS", "two")
-    with pytest.raises(ValueError, match=r"\$GAQAT_SUBMITIT_GPUS='two': expected a non-negative"):
-        launchers.settings()
-    monkeypatch.delenv("GAQAT_SUBMITIT_GPUS")
+    assert settings().time_min == 1440
+    assert settings({"time_min": 90, "partition": "gpu"}).partition == "gpu"
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_TIME_MIN", "30")
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_WAIT", "1")
+    given = settings({"time_min": 90, "cpus": 4})
+    assert (given.time_min, given.cpus, given.wait, given.gpus) == (30, 4, True, 1)
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_GPUS", "two")
+    with pytest.raises(ValueError,
+                       match=r"\$DOMAINBED_GAQAT_SUBMITIT_GPUS='two': expected a non-negative"):
+        settings()
+    monkeypatch.delenv("DOMAINBED_GAQAT_SUBMITIT_GPUS")
     with pytest.raises(ValueError, match=r"slurm settings \['gpu'\]"):
-        launchers.settings({"gpu": 1})
+        settings({"gpu": 1})
     with pytest.raises(ValueError, match="slurm setting time_min='1h': expected an integer >= 0"):
-        launchers.settings({"time_min": "1h"})
+        settings({"time_min": "1h"})
     with pytest.raises(ValueError, match="cluster 'pbs'"):
-        launchers.settings({"cluster": "pbs"})
+        settings({"cluster": "pbs"})
+
+
+def test_the_old_environment_names_still_work_with_a_warning(monkeypatch):
+    monkeypatch.setenv("GAQAT_SUBMITIT_CPUS", "3")
+    with pytest.warns(FutureWarning, match=r"\$GAQAT_SUBMITIT_CPUS is deprecated: use "
+                                           r"\$DOMAINBED_GAQAT_SUBMITIT_CPUS"):
+        assert settings().cpus == 3
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_CPUS", "5")  # the new name wins, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert settings().cpus == 5
+    monkeypatch.setenv("GAQAT_SUBMITIT_WAIT", "yes")
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match=r"\$GAQAT_SUBMITIT_WAIT"):
+        settings()
 
 
 def test_entry_command():
@@ -82,12 +104,11 @@ NODES = [{"name": "a", "partition": "gpu", "default": True, "cpus": 16, "mem_mb"
     ({"partition": "cpu", "gpus": 1}, "partition 'cpu' has the GPUs asked for: 1 requested"),
 ])
 def test_a_request_no_node_satisfies_is_refused(change, message):
-    request = {"partition": None, "cpus": 8, "mem_gb": 32, "gpus": 1, "time_min": 1440}
+    request = launchers.SlurmSettings(cpus=8, mem_gb=32, gpus=1, time_min=1440)
     launchers.check_request(request, NODES)  # fits node a of the default partition
-    launchers.check_request({**request, "partition": "cpu", "gpus": 0, "time_min": 10**6},
-                            NODES)
+    launchers.check_request(replace(request, partition="cpu", gpus=0, time_min=10**6), NODES)
     with pytest.raises(ValueError, match=re.escape(message)):
-        launchers.check_request({**request, **change}, NODES)
+        launchers.check_request(replace(request, **change), NODES)
 
 
 def test_slurm_time_limits():
@@ -104,12 +125,12 @@ def _writes_interpreter(path) -> str:
 
 @pytest.mark.slow
 def test_local_executor_runs_real_commands(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GAQAT_SUBMITIT_CLUSTER", "local")
-    monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
-    monkeypatch.setenv("GAQAT_SUBMITIT_WAIT", "1")
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_CLUSTER", "local")
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_WAIT", "1")
     commands = [_writes_interpreter(tmp_path / name) for name in ("a", "b")]
     jobs = launchers.submitit_launcher(commands + ["python -c 'import sys; sys.exit(3)'"],
-                                       {"time_min": 5, "gpus": 0})
+                                       launchers.SlurmSettings(time_min=5, gpus=0))
     assert len(jobs) == 3 and all(j.done() for j in jobs)
     for name in ("a", "b"):  # run by this interpreter, not whatever `python` is on PATH
         assert (tmp_path / name).read_text() == sys.executable
@@ -131,9 +152,9 @@ def tiny_demo(folder: Path) -> Path:
 
 @pytest.mark.slow
 def test_unsatisfiable_request_is_refused_at_once(slurm, tmp_path, monkeypatch, capsys):
-    for name, value in {**SMALL, "GAQAT_SUBMITIT_CPUS": "64"}.items():
+    for name, value in {**SMALL, "DOMAINBED_GAQAT_SUBMITIT_CPUS": "64"}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
     start = time.time()
     assert gaqat("sweep", "launch", "demo", "--stage", "fp", "--output_dir", str(tmp_path),
                  "--data_dir", str(tmp_path), "--command_launcher", "submitit",
@@ -148,7 +169,7 @@ def test_unsatisfiable_request_is_refused_at_once(slurm, tmp_path, monkeypatch, 
 
 @pytest.mark.slow
 def test_three_stage_sweep_and_domainbeds_sweep_on_slurm(slurm, tmp_path):
-    env = {**SMALL, "GAQAT_SUBMITIT_FOLDER": str(tmp_path / "logs")}
+    env = {**SMALL, "DOMAINBED_GAQAT_SUBMITIT_FOLDER": str(tmp_path / "logs")}
     config = tiny_demo(tmp_path)
     common = [str(config), "--output_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path)]
     proc = run([PYTHON, "-m", "domainbed_gaqat", "sweep", "launch", *common,
@@ -204,7 +225,7 @@ def test_three_stage_sweep_and_domainbeds_sweep_on_slurm(slurm, tmp_path):
 def test_failed_and_cancelled_jobs_are_reported(slurm, tmp_path, monkeypatch, capsys):
     for name, value in SMALL.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
+    monkeypatch.setenv("DOMAINBED_GAQAT_SUBMITIT_FOLDER", str(tmp_path / "logs"))
     commands = ["python -c 'import sys; sys.exit(3)'", "python -c 'import time; time.sleep(600)'"]
 
     def cancel_the_sleeper() -> None:
@@ -241,9 +262,10 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
     local = subprocess.Popen([PYTHON, "-m", "domainbed_gaqat.train", *args, "--output_dir",
                               str(reference)], env={**os.environ, **SMALL},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {**SMALL, "GAQAT_SUBMITIT_FOLDER": str(tmp_path / "logs"),
-           "GAQAT_SUBMITIT_TIME_MIN": "2", "GAQAT_SUBMITIT_SIGNAL_DELAY_S": "30",
-           "GAQAT_SUBMITIT_WAIT_MAX_MIN": "10"}
+    env = {**SMALL, "DOMAINBED_GAQAT_SUBMITIT_FOLDER": str(tmp_path / "logs"),
+           "DOMAINBED_GAQAT_SUBMITIT_TIME_MIN": "2",
+           "DOMAINBED_GAQAT_SUBMITIT_SIGNAL_DELAY_S": "30",
+           "DOMAINBED_GAQAT_SUBMITIT_WAIT_MAX_MIN": "10"}
     out = tmp_path / "slurm_run"
     # two loader workers: Slurm's SIGUSR2 reaches every process of the job step, workers too
     command = shlex.join(["python", "-m", "domainbed.scripts.train", *args, "--workers", "2",

@@ -4,10 +4,10 @@ and the plugin's dataset; ``gaqat --help`` lists them without importing torch.""
 import json
 import subprocess
 
-from conftest import PYTHON, gaqat
 from domainbed import algorithms as db_algorithms
 from domainbed import datasets as db_datasets
 from domainbed import hparams_registry
+from support.helpers import PYTHON, gaqat
 
 from domainbed_gaqat import listing
 from domainbed_gaqat.experiments.configs import config_names, load_config
@@ -49,8 +49,8 @@ def test_configs_with_paper_table_dataset_stages_and_runs(capsys):
     assert [r["name"] for r in rows] == config_names()
     for row in rows:
         config = load_config(row["name"])
-        assert row["paper"] == config["paper"] and row["dataset"] == config["dataset"]
-        assert row["stages"] == [s["name"] for s in config["stages"]]
+        assert row["paper"] == config.paper and row["dataset"] == config.dataset
+        assert row["stages"] == [s.name for s in config.stages]
     demo, w4a4 = (next(r for r in rows if r["name"] == n) for n in ("demo", "pacs_w4a4"))
     # by hand from sweeps/: demo 1 trial x 1 env x (1 + 2 + 1) runs; pacs_w4a4 3 trials x 4
     # envs x (3 lr + 2 x 3 lr + 3 r x 3 K)

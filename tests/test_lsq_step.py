@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_hparams
 from domainbed import algorithms as db_algorithms
 from domainbed import datasets as db_datasets
+from support.helpers import tiny_hparams
 
 from domainbed_gaqat.quant.modules import quantizers
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import tiny_hparams
 from domainbed import algorithms as db_algorithms
 from domainbed.lib import misc
+from support.helpers import tiny_hparams
+from support.references import integer_grid, lsq_gradient_scale, lsq_n
 from torch import nn
 
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
@@ -19,7 +20,6 @@ from domainbed_gaqat.plugin.featurizer import Featurizer
 from domainbed_gaqat.plugin.hooks import hosted
 from domainbed_gaqat.quant.modules import LSQQuantizer, QuantConv2d, quantizers
 from domainbed_gaqat.quant.range_init import mse_scale
-from tests.references import integer_grid, lsq_gradient_scale, lsq_n
 
 SHAPE = (3, 32, 32)
 N_CLASSES, N_DOMAINS = 10, 5

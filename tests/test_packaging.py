@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from conftest import run
 from packaging.requirements import Requirement
+from support.helpers import run
 
 import domainbed_gaqat
 

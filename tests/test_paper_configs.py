@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, gaqat, run, subprocess_env
 from domainbed import command_launchers, datasets
-from image_folders import write_images, write_moco
+from support.helpers import PYTHON, gaqat, run, subprocess_env
+from support.image_folders import write_images, write_moco
 
-from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.experiments.configs import Stage, SweepConfig, load_config
 from domainbed_gaqat.plugin import hparams as hparams_lib
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
@@ -39,21 +39,21 @@ def two_at_a_time(commands: list[str]) -> None:
                       commands))
 
 
-def one_point(config: dict, spec: dict) -> dict:
+def one_point(config: SweepConfig, stage: Stage) -> dict:
     """The stage's grid reduced to one point: the registry's default where the grid has it."""
-    bits = min(config["bits"]) if ALGORITHMS[spec["algorithms"][0]].quantized else 4
-    defaults = {k: p.default for k, p in hparams_lib.params(ALGORITHMS[spec["algorithms"][0]],
-                                                            config["dataset"], bits).items()}
+    spec = ALGORITHMS[stage.algorithms[0]]
+    bits = min(config.bits) if spec.quantized else 4
+    defaults = {k: p.default for k, p in hparams_lib.params(spec, config.dataset, bits).items()}
     return {k: [defaults[k] if defaults.get(k) in values else values[0]]
-            for k, values in spec["grid"].items()}
+            for k, values in stage.grid.axes.items()}
 
 
 def tiny(name: str, folder: Path) -> Path:
     """A config extending ``name`` to the test's size."""
     base = load_config(name)
-    stages = [{"name": s["name"], "steps": 2, "checkpoint_freq": 2,
-               "eval_from": min(s["eval_from"], 1), "grid": one_point(base, s)}
-              for s in base["stages"]]
+    stages = [{"name": s.name, "steps": 2, "checkpoint_freq": 2,
+               "eval_from": min(s.eval_from, 1), "grid": one_point(base, s)}
+              for s in base.stages]
     path = folder / f"tiny_{name}.py"
     path.write_text("SWEEP = " + repr({
         "extends": name, "trials": 1, "hparams": {"resnet18": True, "batch_size": 1},
@@ -110,7 +110,7 @@ def test_config_runs_every_group_and_stage_then_its_table(reproduction, name, ca
     root, paths, launch = reproduction
     launch(name)
     config = load_config(str(paths[name]))
-    dataset, bits = config["dataset"], config["bits"]
+    dataset, bits = config.dataset, config.bits
     n_envs = datasets.num_environments(dataset)
     names = datasets.get_dataset_class(dataset).ENVIRONMENTS
     out = root / "out" / dataset
@@ -120,36 +120,34 @@ def test_config_runs_every_group_and_stage_then_its_table(reproduction, name, ca
     assert gaqat("sweep", "list", str(paths[name]), "--output_dir", str(root / "out"),
                  "--data_dir", str(root / "data")) == 0
     listing = capsys.readouterr().out
-    for spec in config["stages"]:
-        n_jobs = len(spec["algorithms"]) * len(config["test_envs"])
+    for stage in config.stages:
+        n_jobs = len(stage.algorithms) * len(config.test_envs)
         assert f"{n_jobs} jobs: {n_jobs} done, 0 incomplete, 0 not launched." in listing
     for records in runs.values():  # steps 0 and 1, the first skipped under --eval_from 1
         eval_from = records[0]["args"].get("eval_from", 0)
         assert [r["step"] for r in records] == [s for s in (0, 1) if s >= eval_from or s == 1]
         assert records[0]["hparams"]["resnet18"] and records[0]["hparams"]["batch_size"] == 1
-        assert len(records[0]["args"]["test_envs"]) == len(config["test_envs"][0])
+        assert len(records[0]["args"]["test_envs"]) == len(config.test_envs[0])
     fp = [r for r in runs.values() if r[0]["args"]["algorithm"] == "ERM_FP"]
-    assert {tuple(r[0]["args"]["test_envs"]) for r in fp} == {tuple(g) for g in
-                                                              config["test_envs"]}
+    assert {tuple(r[0]["args"]["test_envs"]) for r in fp} == set(config.test_envs)
     assert all(r[0]["hparams"]["init"] == "moco" for r in fp)
 
     # the table: one row per shown algorithm (and split value), the rule's numbers
     assert gaqat("tables", str(paths[name]), "--output_dir", str(root / "out"),
                  "--data_dir", str(root / "data"), "--format", "csv") == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    shown = config["table"].get("algorithms") or [a for s in config["stages"]
-                                                  for a in s["algorithms"]]
-    split = config["table"].get("split_by", [])
-    domains = [names[e] for g in config["test_envs"] for e in g]
+    shown = config.table.algorithms or config.algorithms
+    split = config.table.split_by
+    domains = [names[e] for g in config.test_envs for e in g]
     assert {row["algorithm"] for row in rows} == set(shown)
-    eval_from = {a: s["eval_from"] for s in config["stages"] for a in s["algorithms"]}
+    eval_from = {a: s.eval_from for s in config.stages for a in s.algorithms}
     for algorithm in shown:
         quantized = ALGORITHMS[algorithm].quantized
         cells = {}
         for records in runs.values():
             args, hp = records[0]["args"], records[0]["hparams"]
             if args["algorithm"] == algorithm and (not quantized
-                                                   or [hp["w_bits"], hp["a_bits"]] == bits):
+                                                   or (hp["w_bits"], hp["a_bits"]) == bits):
                 key = tuple(float(hp[k]) for k in split)
                 for env, acc in chosen_test_accuracy(records, eval_from[algorithm]).items():
                     assert (key, env) not in cells  # one run per cell: one grid point

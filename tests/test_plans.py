@@ -12,7 +12,7 @@ scales, SWAD_QTDoG and SWAD_FP with their SWAD rows)."""
 import json
 
 import pytest
-from plan_snapshot import CONFIGS, STORED, CurrentAPI, snapshot
+from support.plan_snapshot import CONFIGS, STORED, CurrentAPI, snapshot
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import gaqat
 from matplotlib.collections import PathCollection, PolyCollection
 from PIL import Image
-from status_tree import fill_stage
+from support.helpers import gaqat
+from support.status_tree import fill_stage
 
 from domainbed_gaqat.experiments import plots, tables
 from domainbed_gaqat.experiments.configs import load_config

@@ -2,17 +2,18 @@
 float32, and counters integers, whether the model around them is cast to bf16 or runs under
 bf16 autocast; the quantizer computes in float32 both ways (forward and backward).
 
-References: :mod:`tests.references` (numpy, float64 sums, the quotient rounded to float32 as
-the kernel computes it) and the brute-force schedule of Algorithm 1 (``test_freezing.py``)."""
+References: ``tests/support/references.py`` (numpy, float64 sums, the quotient rounded to
+float32 as the kernel computes it) and the brute-force schedule of Algorithm 1
+(``test_freezing.py``)."""
 
 import numpy as np
 import pytest
 import torch
+from support.references import integer_grid, lsq_forward, lsq_grads
 
 from domainbed_gaqat import bench, cli
 from domainbed_gaqat.quant.lsq import lsq_quantize
 from domainbed_gaqat.quant.modules import quantizers
-from tests.references import integer_grid, lsq_forward, lsq_grads
 
 BF16 = torch.bfloat16
 

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import gaqat
-from inspect_fixtures import gaqat_w4, last_results
+from support.helpers import gaqat
+from support.inspect_fixtures import gaqat_w4, last_results
 
 from domainbed_gaqat import probe
-from domainbed_gaqat.plugin import checkpoints
+from domainbed_gaqat.plugin import model_files
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_factor_one_reproduces_train_py_accuracies(run_dir, tmp_path, capsys) ->
 
 
 def test_perturbed_weight_scale_requantizes_the_weights(run_dir) -> None:
-    algorithm, _ = checkpoints.load_algorithm(os.path.join(run_dir, "model.pkl"))
+    algorithm, _ = model_files.load_algorithm(os.path.join(run_dir, "model.pkl"))
     [(name, q)] = probe.select_quantizers(algorithm, ["layer3.0.conv1"], "w")
     assert name.endswith("layer3.0.conv1.w_quant")
     conv = algorithm.featurizer.network.layer3[0].conv1
@@ -81,7 +81,7 @@ def test_perturbed_weight_scale_requantizes_the_weights(run_dir) -> None:
 
 
 def test_bad_selections_are_clear_errors(run_dir) -> None:
-    algorithm, _ = checkpoints.load_algorithm(os.path.join(run_dir, "model.pkl"))
+    algorithm, _ = model_files.load_algorithm(os.path.join(run_dir, "model.pkl"))
     with pytest.raises(ValueError, match=r"layers \['layer9'\].*match no quantizer"):
         probe.select_quantizers(algorithm, ["layer9"], "w")
     with pytest.raises(ValueError, match="kind 'x'"):

@@ -3,19 +3,21 @@ as DomainBed's registry returns it and as every sweep config expands it.
 
 :data:`PAPER` is the one table of values, written from the paper's text; a set is a grid (the
 values searched), anything else a fixed value. Tests read the registry (``default_hparams``,
-``random_hparams`` over many seeds, and after ``.update`` to 3 bits) and the configs
+``random_hparams`` over many seeds, and a run's draw for 3 bits) and the configs
 (``load_config`` and ``plan``: the stage-1 jobs' ``--hparams``, the later stages' resolved
 grids and fixed hparams).
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 from domainbed import datasets, hparams_registry
 
-from domainbed_gaqat.experiments.configs import config_names, load_config
+from domainbed_gaqat.experiments.configs import StageRef, config_names, load_config
 from domainbed_gaqat.experiments.sweep import plan
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
+from domainbed_gaqat.plugin.hparams import train_hparams
 
 LR = {1e-5, 3e-5, 5e-5}  # "The search space of learning rate is {1e-5, 3e-5, 5e-5}"
 PAPER = {  # dataset -> hparam -> value or grid; the family that reads it
@@ -104,9 +106,9 @@ def test_registry_defaults_and_draws_are_the_papers(algorithm: str, dataset: str
         assert value in want if isinstance(want, set) else value == want, (name, value)
         assert value == OWN_DEFAULTS.get((algorithm, name), value), (name, value)
         assert_pinned(name, [h[name] for h in draws], want)
-    for h in draws:  # the 3-bit grids once train.py applies --hparams {"w_bits": 3, ...}
-        h.update({"w_bits": 3, "a_bits": 3})
-    default.update({"w_bits": 3, "a_bits": 3})
+    three = {"w_bits": 3, "a_bits": 3}  # a run's draw for train.py's --hparams of 3 bits
+    draws = [train_hparams(algorithm, dataset, seed, 0, three) for seed in SEEDS]
+    default = train_hparams(algorithm, dataset, overrides=three)
     for name, want in expected(dataset, algorithm, bits=3).items():
         assert_pinned(name, [h[name] for h in draws], want)
         if isinstance(want, set):
@@ -117,14 +119,15 @@ def test_registry_defaults_and_draws_are_the_papers(algorithm: str, dataset: str
 def test_sweep_configs_expand_to_the_papers_protocol(name: str, tmp_path) -> None:
     dataset, bits, algorithms = CONFIGS[name]
     config = load_config(name)
-    assert config["dataset"] == dataset and config["bits"] == [bits, bits]
-    assert config["test_envs"] == TEST_ENVS[dataset] and config["selection"] == "test"
-    stages = {s["name"]: s for s in config["stages"]}
-    assert {k: s["algorithms"] for k, s in stages.items()} == algorithms
-    for stage_name, spec in stages.items():
+    assert config.dataset == dataset and config.bits == (bits, bits)
+    assert config.test_envs == tuple(map(tuple, TEST_ENVS[dataset]))
+    assert config.selection == "test"
+    stages = {s.name: s for s in config.stages}
+    assert {k: list(s.algorithms) for k, s in stages.items()} == algorithms
+    for stage_name, stage in stages.items():
         kind = "fp" if stage_name == "fp" else "qat"
-        assert spec["steps"] == STEPS[dataset][kind], stage_name
-        assert spec["eval_from"] == (0 if kind == "fp" else EVAL_FROM[dataset]), stage_name
+        assert stage.steps == STEPS[dataset][kind], stage_name
+        assert stage.eval_from == (0 if kind == "fp" else EVAL_FROM[dataset]), stage_name
 
     # stage 1: its DomainBed jobs, every --hparams in full
     fp = plan(config, str(tmp_path / "out"), str(tmp_path / "data"))[0]
@@ -138,21 +141,20 @@ def test_sweep_configs_expand_to_the_papers_protocol(name: str, tmp_path) -> Non
 
     # later stages: what they search and fix, and what they inherit
     for stage_name in list(stages)[1:]:
-        spec = stages[stage_name]
-        grid = {k: set(v) for k, v in spec["grid"].items()}
+        stage = stages[stage_name]
+        grid = {k: set(v) for k, v in stage.grid.axes.items()}
         if stage_name == "qat":
-            assert grid == {"lr": LR} and "hparams_from" not in spec
+            assert grid == {"lr": LR} and stage.hparams_from is None
         else:
-            assert spec["hparams_from"] == {"stage": "qat", "algorithm": "SAGM_LSQ",
-                                            "keys": ["lr"]}
-            fixed = {k: v for k, v in spec["hparams"].items() if k.startswith("gaqat_")}
+            assert stage.hparams_from == StageRef("qat", "SAGM_LSQ", ("lr",))
+            fixed = {k: v for k, v in stage.hparams.items() if k.startswith("gaqat_")}
             full = GAQAT_GRIDS[dataset, bits]
             want_grid = {"gaqat": full, "ablation": {},
                          "freeze_steps": {"gaqat_K": full["gaqat_K"]},
                          "threshold": {"gaqat_r": full["gaqat_r"]}}[stage_name]
             assert grid == want_grid, stage_name
             assert fixed == {k: v for k, v in ABLATION.items() if k not in grid}, stage_name
-        assert spec["init_from"] == {"stage": "fp", "algorithm": "ERM_FP"}
+        assert stage.init_from == StageRef("fp", "ERM_FP")
 
 
 QTDOG_CONFIGS = {"qtdog_pacs": ("PACS", 5001, 200), "qtdog_vlcs": ("VLCS", 5001, 200),
@@ -179,15 +181,15 @@ def test_qtdog_configs_expand_to_its_protocol(name: str, tmp_path) -> None:
     dataset, steps, freq = QTDOG_CONFIGS[name]
     config = load_config(name)
     n_envs = len(datasets.get_dataset_class(dataset).ENVIRONMENTS)
-    assert (config["dataset"], config["bits"], config["selection"]) == (dataset, [7], "train")
-    assert config["test_envs"] == [[e] for e in range(n_envs)] and config["trials"] == 3
-    stages = {s["name"]: s for s in config["stages"]}
+    assert (config.dataset, config.bits, config.selection) == (dataset, (7,), "train")
+    assert config.test_envs == tuple((e,) for e in range(n_envs)) and config.trials == 3
+    stages = {s.name: s for s in config.stages}
     assert list(stages) == list(QTDOG_STAGES)
     planned = {s.name: s for s in plan(config, str(tmp_path / "out"), str(tmp_path / "data"))}
     for stage_name, (algorithms, members) in QTDOG_STAGES.items():
         stage = stages[stage_name]
-        assert (stage["algorithms"], stage["steps"], stage["checkpoint_freq"],
-                stage["members"]) == (list(algorithms), steps, freq, members)
+        assert (stage.algorithms, stage.steps, stage.checkpoint_freq,
+                stage.members) == (tuple(algorithms), steps, freq, members)
         jobs = planned[stage_name].jobs
         assert len(jobs) == n_envs * 3 * members * len(algorithms)
         assert len({(job.train_args["algorithm"], job.train_args["seed"]) for job in jobs}) \
@@ -204,17 +206,17 @@ def test_every_qat_method_config_adds_rows_to_the_papers(bits: int, tmp_path) ->
     """``pacs_qat_w{b}a{b}``: the GAQAT protocol's stages with SAQ searched next to LSQ and
     SAGM+LSQ, and QT-DoG quantized from its first step off the same ERM model."""
     config, paper = load_config(f"pacs_qat_w{bits}a{bits}"), load_config(f"pacs_w{bits}a{bits}")
-    stages = {s["name"]: s for s in config["stages"]}
-    assert stages["qat"]["algorithms"] == ["LSQ", "SAGM_LSQ", "SAQ"]
-    assert stages["qtdog"]["algorithms"] == ["QTDoG"]
-    assert stages["qtdog"]["hparams"]["quant_start"] == 0
-    assert set(stages["qtdog"]["grid"]["lr"]) == LR
-    assert stages["qtdog"]["init_from"] == {"stage": "fp", "algorithm": "ERM_FP"}
-    for spec in paper["stages"]:
-        mine = dict(stages[spec["name"]])
-        if spec["name"] == "qat":
-            mine["algorithms"] = spec["algorithms"]
-        assert mine == spec, spec["name"]
+    stages = {s.name: s for s in config.stages}
+    assert stages["qat"].algorithms == ("LSQ", "SAGM_LSQ", "SAQ")
+    assert stages["qtdog"].algorithms == ("QTDoG",)
+    assert stages["qtdog"].hparams["quant_start"] == 0
+    assert set(stages["qtdog"].grid.axes["lr"]) == LR
+    assert stages["qtdog"].init_from == StageRef("fp", "ERM_FP")
+    for stage in paper.stages:
+        mine = stages[stage.name]
+        if stage.name == "qat":
+            mine = replace(mine, algorithms=stage.algorithms)
+        assert mine == stage, stage.name
 
 
 def test_every_sweep_config_is_pinned() -> None:

@@ -12,6 +12,13 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from support.references import (
+    lsq_autograd,
+    lsq_gradient_scale,
+    lsq_n,
+    mse_brute_force,
+    round_half_even,
+)
 from torch import nn
 
 from domainbed_gaqat.quant.config import QuantConfig, integer_range
@@ -24,13 +31,6 @@ from domainbed_gaqat.quant.modules import (
     set_quantization,
 )
 from domainbed_gaqat.quant.range_init import lsq_init_scale, mse_scale
-from tests.references import (
-    lsq_autograd,
-    lsq_gradient_scale,
-    lsq_n,
-    mse_brute_force,
-    round_half_even,
-)
 
 BITS = list(range(2, 9))
 KINDS = {  # name -> (signed, is_weight); the stem's input is a signed activation

@@ -16,12 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from domainbed_gaqat.quant.config import QuantConfig
-from domainbed_gaqat.quant.lsq import lsq_quantize
-from domainbed_gaqat.quant.modules import LSQQuantizer
-from domainbed_gaqat.quant.range_init import lsq_init_scale, mse_scale
-from tests.references import (
+from support.references import (
     integer_grid,
     lsq_forward,
     lsq_gradient_scale,
@@ -29,6 +24,11 @@ from tests.references import (
     lsq_n,
     mse_brute_force,
 )
+
+from domainbed_gaqat.quant.config import QuantConfig
+from domainbed_gaqat.quant.lsq import lsq_quantize
+from domainbed_gaqat.quant.modules import LSQQuantizer
+from domainbed_gaqat.quant.range_init import lsq_init_scale, mse_scale
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])

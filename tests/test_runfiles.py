@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import subprocess_env
+from support.helpers import subprocess_env
 
 from domainbed_gaqat.experiments.ownership import RunFolderBusy, RunLock, holder
 from domainbed_gaqat.experiments.runfiles import RunFiles

@@ -12,18 +12,18 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PYTHON, gaqat, run, tiny_hparams
 from domainbed import algorithms as db_algorithms
 from domainbed import datasets as db_datasets
 from domainbed.lib import misc
+from support import references
+from support.helpers import PYTHON, gaqat, run, tiny_hparams
+from support.references import choose_reference
 from torch import nn
 
 from domainbed_gaqat.optim.saq import saq_step
 from domainbed_gaqat.quant.config import QuantConfig
 from domainbed_gaqat.quant.modules import QuantConv2d, quantizers
 from domainbed_gaqat.quant.range_init import mse_scale
-from tests import references
-from tests.references import choose_reference
 
 SHAPE, CLASSES, DOMAINS = (3, 32, 32), 10, 5
 
@@ -422,7 +422,7 @@ def test_members_must_differ_only_in_seed(members, capsys):
 
 def test_sweep_members_differ_only_in_seed(tmp_path):
     from domainbed_gaqat.experiments.configs import load_config
-    from domainbed_gaqat.experiments.results import identity
+    from domainbed_gaqat.experiments.runs import RunSpec
     from domainbed_gaqat.experiments.sweep import plan
 
     stage = plan(load_config("qtdog_pacs"), tmp_path, tmp_path)[0]
@@ -437,7 +437,7 @@ def test_sweep_members_differ_only_in_seed(tmp_path):
         assert len({a["seed"] for a in cell}) == 5 and len({a["hparams_seed"] for a in cell}) == 5
         assert sorted(a.get("member", 0) for a in cell) == list(range(5))
         # found on disk by what they recorded: five runs, not one job repeated
-        assert len({identity(a, json.loads(a["hparams"])) for a in cell}) == 5
+        assert len({RunSpec.from_train_args(a).identity for a in cell}) == 5
     hp = json.loads(stage.jobs[0].train_args["hparams"])
     assert (hp["w_bits"], hp["quant_start"], hp["init"], hp["batch_size"]) == (
         7, 2000, "torchvision", 32)

@@ -14,14 +14,14 @@ import pytest
 from domainbed import datasets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.helpers import gaqat, write_run
+from support.references import choose_reference, swad_rows, table_reference
 
 from domainbed_gaqat.experiments import tables
-from domainbed_gaqat.experiments.results import Run
-from domainbed_gaqat.experiments.selection import RULES, choose
-from tests.conftest import gaqat
-from tests.references import choose_reference, swad_rows, table_reference
-from tests.test_tables import write_run
+from domainbed_gaqat.experiments.results import RunFolder
+from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
 
+TEST_RULE = SELECTION_RULES["test"].description
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 GROUPS = {"PACS": [[0], [1], [2], [3]], "DomainNet": [[0, 1], [2, 3], [4, 5]],
@@ -32,7 +32,7 @@ ACCURACY = st.integers(0, 16).map(lambda k: k / 16)
 
 
 @st.composite
-def runs(draw, dataset: str | None = None) -> list[tuple[Run, int]]:
+def runs(draw, dataset: str | None = None) -> list[tuple[RunFolder, int]]:
     """``(run, eval_from)`` entries of one random sweep."""
     dataset = dataset or draw(st.sampled_from(sorted(GROUPS)))
     n_envs = datasets.num_environments(dataset)
@@ -58,19 +58,19 @@ def runs(draw, dataset: str | None = None) -> list[tuple[Run, int]]:
             last = max(records, key=lambda r: r["step"])
             last.update({f"swad_env{e}_{split}_acc": draw(ACCURACY) for e in range(n_envs)
                          for split in ("in", "out")})
-        run = Run(f"/sweep/{name}", records, done=draw(st.integers(0, 5)) > 0)
+        run = RunFolder(f"/sweep/{name}", records, done=draw(st.integers(0, 5)) > 0)
         entries.append((run, draw(st.sampled_from([0, 0, 100]))))
     return entries
 
 
-def _reference_runs(entries: list[tuple[Run, int]]) -> list[tuple[str, list[dict], int]]:
+def _reference_runs(entries: list[tuple[RunFolder, int]]) -> list[tuple[str, list[dict], int]]:
     """What the reference sees: the finished runs (only those count), and their SWAD models
     as runs of the ``<algorithm> (SWAD)`` rows."""
     finished = [(run.path, run.records, eval_from) for run, eval_from in entries if run.done]
     return finished + swad_rows(finished)
 
 
-def _table(entries: list[tuple[Run, int]], rule: str, split_by: list[str]) -> dict:
+def _table(entries: list[tuple[RunFolder, int]], rule: str, split_by: list[str]) -> dict:
     table, _ = tables.summarize(tables.select_cells(entries, rule, split_by), split_by)
     out = {}
     for line in table.to_dict("records"):
@@ -84,7 +84,7 @@ def _table(entries: list[tuple[Run, int]], rule: str, split_by: list[str]) -> di
 
 
 @SETTINGS
-@given(runs(), st.sampled_from(sorted(RULES)),
+@given(runs(), st.sampled_from(sorted(SELECTION_RULES)),
        st.sampled_from([[], ["gaqat_K"], ["gaqat_r", "gaqat_K"]]))
 def test_tables_match_the_reference(entries, rule: str, split_by: list[str]) -> None:
     """Every cell (val/test mean and s.e., number of trials), Avg included, and no other."""
@@ -97,7 +97,7 @@ def test_tables_match_the_reference(entries, rule: str, split_by: list[str]) -> 
 
 
 @SETTINGS
-@given(runs(), st.sampled_from(sorted(RULES)), st.booleans())
+@given(runs(), st.sampled_from(sorted(SELECTION_RULES)), st.booleans())
 def test_choice_matches_the_reference(entries, rule: str, last: bool) -> None:
     """One cell's candidates (whatever their order): the same run and checkpoint."""
     candidates = [(run, eval_from) for run, eval_from in entries if run.done][::-1]
@@ -116,33 +116,33 @@ def _record(step: int, test_out: float, train_out: float, test_in: float) -> dic
             **{f"env{e}_{s}_acc": train_out for e in (1, 2, 3) for s in ("in", "out")}}
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("rule", sorted(SELECTION_RULES))
 def test_ties_go_to_the_earlier_step_then_the_first_run_by_path(rule: str) -> None:
     """Equal criteria everywhere: run ``/a`` (first by path, given last) at its first step
     for ``test`` / ``train``, its last step for ``test_last``."""
-    b = Run("/b", [_record(0, 0.5, 0.75, 0.1), _record(10, 0.5, 0.75, 0.2)], True)
-    a = Run("/a", [_record(10, 0.5, 0.75, 0.3), _record(0, 0.5, 0.75, 0.4)], True)
+    b = RunFolder("/b", [_record(0, 0.5, 0.75, 0.1), _record(10, 0.5, 0.75, 0.2)], True)
+    a = RunFolder("/a", [_record(10, 0.5, 0.75, 0.3), _record(0, 0.5, 0.75, 0.4)], True)
     choice = choose([(b, 0), (a, 0)], rule)
     assert choice.run is a
     assert choice.record["step"] == (10 if rule == "test_last" else 0)
     assert choice.tests == {0: 0.3 if rule == "test_last" else 0.4}
-    better = Run("/c", [_record(5, 0.5 + (rule != "train") / 16, 0.75 + (rule == "train") / 16,
-                                0.9)], True)
+    better = RunFolder("/c", [_record(5, 0.5 + (rule != "train") / 16,
+                                      0.75 + (rule == "train") / 16, 0.9)], True)
     assert choose([(b, 0), (a, 0), (better, 0)], rule).run is better  # not a tie: the best
 
 
 def test_runs_without_a_usable_record_are_skipped() -> None:
     """A run (first by path) whose records all precede its ``eval_from`` does not stop the
     search: the later runs are still candidates."""
-    early = Run("/a", [_record(0, 1.0, 1.0, 1.0)], True)
-    later = Run("/b", [_record(10, 0.5, 0.5, 0.25)], True)
-    for rule in sorted(RULES):
+    early = RunFolder("/a", [_record(0, 1.0, 1.0, 1.0)], True)
+    later = RunFolder("/b", [_record(10, 0.5, 0.5, 0.25)], True)
+    for rule in sorted(SELECTION_RULES):
         assert choose([(early, 5), (later, 5)], rule).run is later
     assert choose([(early, 5)], "test") is None
 
 
 def test_unknown_rule_is_a_clear_error() -> None:
-    run = Run("/a", [_record(0, 0.5, 0.5, 0.5)], True)
+    run = RunFolder("/a", [_record(0, 0.5, 0.5, 0.5)], True)
     with pytest.raises(ValueError, match=r"selection rule 'best': expected one of "
                                          r"\['test', 'test_last', 'train'\]"):
         choose([(run, 0)], "best")
@@ -174,12 +174,12 @@ def test_split_by_from_the_command_line(tmp_path, capsys) -> None:
 
 
 def _pacs_run(path: str, algorithm: str, hparams: dict, env: int, test_in: float,
-              train_out: float, test_out: float = 0.5) -> Run:
+              train_out: float, test_out: float = 0.5) -> RunFolder:
     args = {"dataset": "PACS", "algorithm": algorithm, "test_envs": [env], "trial_seed": 0}
     record = {"step": 0, "args": args, "hparams": hparams,
               **{f"env{e}_{s}_acc": train_out for e in range(4) for s in ("in", "out")},
               f"env{env}_in_acc": test_in, f"env{env}_out_acc": test_out}
-    return Run(path, [record], True)
+    return RunFolder(path, [record], True)
 
 
 W4, W3 = {"w_bits": 4, "a_bits": 4}, {"w_bits": 3, "a_bits": 3}
@@ -210,7 +210,7 @@ def _render(fmt: str, split_by: list[str]) -> str:
 def test_markdown_layout() -> None:
     rows = [f"| {a} | {b} | " + " | ".join(cells) + " |" for a, b, _, cells in CELLS]
     assert _render("markdown", []) == "\n".join([
-        f"### PACS, model selection: {RULES['test']}", "",
+        f"### PACS, model selection: {TEST_RULE}", "",
         "| Algorithm | W/A | A (val/test) | C (val/test) | Avg (val/test) |",
         "|---|---|---|---|---|", *rows, ""])
 
@@ -220,7 +220,7 @@ def test_latex_layout_with_a_split_column() -> None:
             + " & ".join(c.replace("±", "$\\pm$") for c in cells) + r" \\"
             for a, b, k, cells in CELLS]
     assert _render("latex", ["gaqat_K"]) == "\n".join([
-        f"% PACS, model selection: {RULES['test']}", r"\begin{tabular}{lllccc}", r"\toprule",
+        f"% PACS, model selection: {TEST_RULE}", r"\begin{tabular}{lllccc}", r"\toprule",
         r"Algorithm & W/A & gaqat\_K & A (val/test) & C (val/test) & Avg (val/test) \\",
         r"\midrule", *rows, r"\bottomrule", r"\end{tabular}", ""])
 
@@ -235,7 +235,7 @@ def test_one_table_per_dataset_in_name_order(fmt: str, title: str) -> None:
     text = tables.render(tables.summarize(cells, [])[0], [], fmt, "test")
     assert text.startswith(_render(fmt, []))
     assert [line for line in text.splitlines() if line.startswith(title)] == [
-        f"{title}{d}, model selection: {RULES['test']}" for d in ("PACS", "VLCS")]
+        f"{title}{d}, model selection: {TEST_RULE}" for d in ("PACS", "VLCS")]
 
 
 def test_csv_layout() -> None:
@@ -287,14 +287,14 @@ def test_members_are_repetitions_and_redrawn_points_alternatives() -> None:
     acc = {(0, 1e-5): (0.5, 0.25), (0, 3e-5): (0.75, 0.5), (1, 1e-5): (0.875, 1.0),
            (1, 3e-5): (0.625, 0.0), (2, 1e-5): (0.25, 0.125), (2, 3e-5): (0.375, 0.75)}
 
-    def entries(marked: bool) -> list[tuple[Run, int]]:
+    def entries(marked: bool) -> list[tuple[RunFolder, int]]:
         out = []
         for (m, lr), (test_out, test_in) in acc.items():
             record = _record(0, test_out, 0.5, test_in)
             record["args"] = {**record["args"], "algorithm": "QTDoG", "seed": 10 * m + (lr > 2e-5),
                               **({"member": m} if marked and m else {})}
             record["hparams"] = {"w_bits": 7, "lr": lr}
-            out.append((Run(f"/sweep/{m}{lr}", [record], True), 0))
+            out.append((RunFolder(f"/sweep/{m}{lr}", [record], True), 0))
         return out
 
     cells = tables.select_cells(entries(True), "test", [])

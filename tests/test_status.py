@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import gaqat
-from status_tree import fill_stage
+from support.helpers import gaqat
+from support.status_tree import fill_stage
 
 from domainbed_gaqat.experiments import status
 from domainbed_gaqat.experiments.configs import load_config

@@ -8,17 +8,17 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gaqat, tiny_hparams
-from inspect_fixtures import assert_png, gaqat_w4, lsq_w3
+from support.helpers import gaqat, tiny_hparams
+from support.inspect_fixtures import assert_png, gaqat_w4, lsq_w3
 
 from domainbed_gaqat import surface
-from domainbed_gaqat.plugin import checkpoints
+from domainbed_gaqat.plugin import model_files, registry
 from domainbed_gaqat.plugin.data import Data
 from domainbed_gaqat.quant.modules import quantizers
 
 
 def test_directions_are_filter_normalised() -> None:
-    alg = checkpoints.algorithm_class("GAQAT")((3, 32, 32), 10, 5, tiny_hparams("GAQAT"))
+    alg = registry.algorithm_class("GAQAT")((3, 32, 32), 10, 5, tiny_hparams("GAQAT"))
     named = surface.latent_weights(alg)
     scale_ids = {id(q.scale) for _, q in quantizers(alg)}
     assert scale_ids and not scale_ids & {id(p) for _, p in named}
@@ -64,12 +64,12 @@ def test_two_checkpoints_centre_is_the_model_loss(models, tmp_path) -> None:
     assert len(rows_1d) == 2 * 3 and len(rows_2d) == 2 * 9
     assert list(grid["labels"]) == ["GAQAT W4", "LSQ W3"]
     # the first checkpoint's data: env 5 (its test env), DomainBed's 'in' split
-    data = Data.from_checkpoint(checkpoints.load_checkpoint(models[0]))
+    data = Data.from_checkpoint(model_files.load_checkpoint(models[0]))
     split = data.split(5, "in")
     x = torch.stack([split[i][0] for i in range(n)])
     y = torch.tensor([split[i][1] for i in range(n)])
     for m, path in enumerate(models):
-        algorithm, _ = checkpoints.load_algorithm(path)
+        algorithm, _ = model_files.load_algorithm(path)
         with torch.no_grad():
             want = F.cross_entropy(algorithm.predict(x), y).item()
         assert grid[f"loss_1d_{m}"][1] == pytest.approx(want, rel=1e-5)
@@ -80,7 +80,7 @@ def test_two_checkpoints_centre_is_the_model_loss(models, tmp_path) -> None:
 
 
 def test_surface_restores_the_model(models) -> None:
-    algorithm, ckpt = checkpoints.load_algorithm(models[1])
+    algorithm, ckpt = model_files.load_algorithm(models[1])
     before = {k: v.clone() for k, v in algorithm.state_dict().items()}
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8) % 10

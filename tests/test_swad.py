@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, run, subprocess_env, tiny_hparams
 from domainbed import algorithms as db_algorithms
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.helpers import PYTHON, run, subprocess_env, tiny_hparams
+from support.references import loss_valley_reference
 
 from domainbed_gaqat.optim.swad import SWAD, LossValley, WeightAverage
-from domainbed_gaqat.plugin.checkpoints import algorithm_from_checkpoint, load_checkpoint
 from domainbed_gaqat.plugin.hooks import hosted
+from domainbed_gaqat.plugin.model_files import algorithm_from_checkpoint, load_checkpoint
 from domainbed_gaqat.quant.modules import quantizers
-from tests.references import loss_valley_reference
 
 # --- the loss valley on scripted losses --------------------------------------------------------
 

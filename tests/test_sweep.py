@@ -1,14 +1,15 @@
 """gaqat-sweep: configs -> DomainBed jobs, stages, refusals (no training: stage outputs are
 written by the tests as train.py would)."""
 
+import dataclasses
 import json
 import os
 import re
 from collections import Counter
 
 import pytest
-from conftest import gaqat
 from domainbed.scripts.sweep import Job
+from support.helpers import gaqat
 
 from domainbed_gaqat.experiments import configs, sweep
 from domainbed_gaqat.plugin.hparams import GAQAT_GRIDS, LR_GRID
@@ -38,10 +39,6 @@ def finish(job: Job, test_out: list[float], test_in: float = 0.5, done: bool = T
         for name in ("done", "model.pkl"):
             with open(os.path.join(job.output_dir, name), "w") as f:
                 f.write(name)
-
-
-def stage(stages: list[sweep.Stage], name: str) -> sweep.Stage:
-    return next(s for s in stages if s.name == name)
 
 
 def cell(jobs: list[Job], algorithm: str, test_envs: list[int], trial: int) -> list[Job]:
@@ -78,8 +75,8 @@ def test_domainnet_groups_and_eval_window(tmp_path):
     assert len(fp.jobs) == 27  # 3 trials x 3 groups x 3 lr
     assert {tuple(j.train_args["test_envs"]) for j in fp.jobs} == {(0, 1), (2, 3), (4, 5)}
     assert all("--test_envs 0 1 " in j.command_str for j in cell(fp.jobs, "ERM_FP", [0, 1], 0))
-    qat = config["stages"][1]
-    assert (qat["steps"], qat["checkpoint_freq"], qat["eval_from"]) == (50000, 1000, 45000)
+    qat = config.stage("qat")
+    assert (qat.steps, qat.checkpoint_freq, qat.eval_from) == (50000, 1000, 45000)
     qat_jobs = sweep.plan(config, tmp_path, tmp_path)[1]  # blocked until stage 1 is done
     assert qat_jobs.blocked and not qat_jobs.jobs
     assert all("-m domainbed_gaqat.train " in j.command_str and "--eval_from" not in
@@ -203,8 +200,27 @@ def test_config_must_be_a_literal(tmp_path):
     ("domainnet_w3a3", "DomainNet", 3, (15000, 50000))])
 def test_configs_agree_with_the_hparams_registry(name, dataset, bits, steps):
     """The configs' grids are the paper's as transcribed in hparams.py (sec. 4.1)."""
-    fp, qat, gaqat = configs.load_config(name)["stages"]
-    assert sorted(fp["grid"]["lr"]) == sorted(qat["grid"]["lr"]) == sorted(LR_GRID)
-    assert {k: sorted(v) for k, v in gaqat["grid"].items()} == {
+    fp, qat, gaqat = configs.load_config(name).stages
+    assert sorted(fp.grid.axes["lr"]) == sorted(qat.grid.axes["lr"]) == sorted(LR_GRID)
+    assert {k: sorted(v) for k, v in gaqat.grid.axes.items()} == {
         k: sorted(v) for k, v in GAQAT_GRIDS[dataset, bits].items()}
-    assert (fp["steps"], qat["steps"], gaqat["steps"]) == (*steps, steps[1])
+    assert (fp.steps, qat.steps, gaqat.steps) == (*steps, steps[1])
+
+
+def test_configs_parse_once_into_frozen_objects():
+    """The parse makes each object whole (defaults from the dataclasses, "paper" grids
+    resolved, slurm sections merged); nothing can change it afterwards."""
+    config = configs.load_config("pacs_w4a4")
+    fp, gaqat = config.stage("fp"), config.stage("gaqat")
+    assert (fp.members, fp.eval_from, fp.init_from, fp.hparams_from) == (1, 0, None, None)
+    assert gaqat.grid.axes["gaqat_K"] == (300, 350, 400)  # "paper" at W4A4, sorted
+    assert gaqat.hparams_from == configs.StageRef("qat", "SAGM_LSQ", ("lr",))
+    assert (fp.slurm.time_min, gaqat.slurm.time_min, fp.slurm.cpus) == (180, 720, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fp.steps = 1
+    for mapping in (fp.hparams, gaqat.grid.axes, config.hparams):
+        with pytest.raises(TypeError):
+            mapping["lr"] = (1e-3,)
+    assert configs.load_config("pacs_w4a4") == config  # the same parse, the same object
+    with pytest.raises(configs.ConfigError, match=r"--stage 'x': expected one of \['fp', 'qat'"):
+        config.stage("x")

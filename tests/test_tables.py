@@ -9,32 +9,12 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import PYTHON, gaqat, run
 from domainbed.lib import reporting
+from support.helpers import PYTHON, gaqat, run, write_run
 
 from domainbed_gaqat.experiments import plots, tables
 
 SE2 = 5 / math.sqrt(2)  # standard error of two values 5 apart (population std / sqrt(n))
-
-
-def write_run(folder, algorithm: str, dataset_envs: int, test_envs: list[int], trial: int,
-              accs: dict[int, tuple[dict, dict]], hparams: dict, done: bool = True,
-              tail: str = "") -> None:
-    """A run as train.py writes it; ``accs``: step -> ({env: in_acc}, {env: out_acc}), every
-    other accuracy 0.0. ``tail`` is appended to results.jsonl as is (e.g. a truncated line)."""
-    os.makedirs(folder)
-    args = {"dataset": "PACS" if dataset_envs == 4 else "DomainNet", "algorithm": algorithm,
-            "test_envs": test_envs, "trial_seed": trial, "hparams_seed": 0}
-    with open(os.path.join(folder, "results.jsonl"), "w") as f:
-        for step, (ins, outs) in accs.items():
-            record = {"step": step, "args": args, "hparams": hparams}
-            for env in range(dataset_envs):
-                record[f"env{env}_in_acc"] = ins.get(env, 0.0)
-                record[f"env{env}_out_acc"] = outs.get(env, 0.0)
-            f.write(json.dumps(record) + "\n")
-        f.write(tail)
-    if done:
-        open(os.path.join(folder, "done"), "w").close()
 
 
 def outs(test: float, train: float, test_env: int = 0) -> dict:

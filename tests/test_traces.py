@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import gaqat, tiny_hparams
-from inspect_fixtures import assert_png, lsq_w3
+from support.helpers import gaqat, tiny_hparams
+from support.inspect_fixtures import assert_png, lsq_w3
 
 from domainbed_gaqat import traces
-from domainbed_gaqat.plugin import checkpoints
+from domainbed_gaqat.plugin import model_files, registry
 from domainbed_gaqat.plugin.data import Data
 from domainbed_gaqat.quant.modules import quantizers
 
@@ -60,7 +60,7 @@ def gaqat_trace(tmp_path_factory):
     hparams = tiny_hparams("GAQAT", batch_size=2, gaqat_K=K, gaqat_r=0.3)
     data = Data("RotatedDigits", None, [0], hparams)
     stream = data.minibatches()
-    cls = checkpoints.algorithm_class("GAQAT")
+    cls = registry.algorithm_class("GAQAT")
     alg = cls(data.dataset.input_shape, data.dataset.num_classes, len(data.train_envs), hparams)
     ref = cls(data.dataset.input_shape, data.dataset.num_classes, len(data.train_envs), hparams)
     alg.update(next(stream))  # calibrates the quantizers on a first batch
@@ -122,7 +122,7 @@ def test_disorder_equals_definition(gaqat_trace) -> None:
 
 
 def test_recorder_block_sums_and_windows_on_a_synthetic_stream() -> None:
-    alg = checkpoints.algorithm_class("GAQAT")((3, 32, 32), 10, 5, tiny_hparams("GAQAT"))
+    alg = registry.algorithm_class("GAQAT")((3, 32, 32), 10, 5, tiny_hparams("GAQAT"))
     n, steps, every, K = len(alg.scales), 11, 3, 4
     recorder = traces.TraceRecorder(alg, every, K)
     gen = torch.Generator().manual_seed(1)
@@ -182,7 +182,7 @@ def test_cli_lsq_run(tmp_path_factory) -> None:
     assert not os.path.exists(os.path.join(out, "freezing.png"))
     for name in ("gradients.png", "disorder.png"):
         assert_png(os.path.join(out, name))
-    algorithm, ckpt = checkpoints.load_algorithm(os.path.join(out, "model.pkl"))
+    algorithm, ckpt = model_files.load_algorithm(os.path.join(out, "model.pkl"))
     assert ckpt["args"]["algorithm"] == "LSQ" and ckpt["model_hparams"]["w_bits"] == 3
     # the recorded scale values are those of the saved model
     last = grads[grads["step"] == grads["step"].max()]
@@ -192,8 +192,8 @@ def test_cli_lsq_run(tmp_path_factory) -> None:
 
 
 def test_unquantized_algorithm_is_a_clear_error() -> None:
-    alg = checkpoints.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
+    alg = registry.algorithm_class("ERM_FP")((3, 32, 32), 10, 5, tiny_hparams("ERM_FP"))
     with pytest.raises(ValueError, match="no quantizer scales"):
         traces.TraceRecorder(alg, 2, 2)
     with pytest.raises(ValueError, match="algorithm 'NOPE'"):
-        checkpoints.algorithm_class("NOPE")
+        registry.algorithm_class("NOPE")

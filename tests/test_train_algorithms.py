@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.helpers import PYTHON, run
+from support.references import decide, disorder_reference
 
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
-from tests.conftest import PYTHON, run
-from tests.references import decide, disorder_reference
 from tests.test_freezing import Recorder, batches, calibrate, make_algorithm
 
 GAQAT_FAMILY = {name: s.cls.FREEZE_RULE for name, s in ALGORITHMS.items()

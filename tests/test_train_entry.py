@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, gaqat, run, subprocess_env
-from image_folders import write_images
+from support.helpers import PYTHON, gaqat, run, subprocess_env
+from support.image_folders import write_images
 
 from domainbed_gaqat.train import rng_state, set_rng_state
 
@@ -120,7 +120,7 @@ def test_records_have_domainbeds_schema(reference, tmp_path):
     assert all(r.keys() == their.keys() and r["args"].keys() == their["args"].keys()
                for r in ours)
     assert ours[0]["hparams"] == their["hparams"]
-    from domainbed_gaqat.plugin.checkpoints import load_algorithm
+    from domainbed_gaqat.plugin.model_files import load_algorithm
 
     algorithm, ckpt = load_algorithm(str(reference / "model.pkl"))
     assert ckpt["args"]["algorithm"] == "GAQAT" and all(

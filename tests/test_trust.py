@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomllib
-from conftest import PYTHON, gaqat, run, tiny_hparams
 from domainbed import algorithms as db_algorithms
 from domainbed import hparams_registry
-from image_folders import write_images
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from support.helpers import PYTHON, gaqat, run, tiny_hparams
+from support.image_folders import write_images
 
 from domainbed_gaqat.experiments import configs
+from domainbed_gaqat.plugin.hparams import domainbed_train_overrides, train_hparams
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_3BIT = {"PACS": ({0.28, 0.30, 0.32}, {100, 150, 200}),
@@ -99,14 +100,17 @@ def test_domainbed_train_exits_before_the_first_record(tmp_path):
 
 @pytest.mark.parametrize("dataset", ["PACS", "DomainNet"])
 def test_random_draws_follow_the_bit_width(dataset):
-    """train.py draws, then applies --hparams: setting 3 bits re-draws r and K from the 3-bit
-    grid (with the same seed), the rest unchanged; every grid value is drawn by some seed."""
+    """A run's hparams are drawn for the bits of its overrides: 3 bits draw r and K from the
+    3-bit grid (with the same seed), the rest unchanged; every grid value is drawn by some
+    seed; at 4 bits the draw is the registry's (DomainBed's random_hparams)."""
+    from domainbed.lib import misc
+
     grids = {3: PAPER_3BIT[dataset], 4: PAPER_4BIT[dataset]}
     seen = {3: set(), 4: set()}
     for seed in range(1, 40):
-        four = hparams_registry.random_hparams("GAQAT", dataset, seed)
-        three = hparams_registry.random_hparams("GAQAT", dataset, seed)
-        three.update({"w_bits": 3, "a_bits": 3})
+        four = train_hparams("GAQAT", dataset, seed, 0)
+        assert four == hparams_registry.random_hparams("GAQAT", dataset, misc.seed_hash(seed, 0))
+        three = train_hparams("GAQAT", dataset, seed, 0, {"w_bits": 3, "a_bits": 3})
         for bits, h in ((4, four), (3, three)):
             assert h["gaqat_r"] in grids[bits][0] and h["gaqat_K"] in grids[bits][1], (seed, h)
             seen[bits].add(h["gaqat_K"])
@@ -114,23 +118,38 @@ def test_random_draws_follow_the_bit_width(dataset):
                                                             "a_bits")} == {
             k: v for k, v in four.items() if k not in ("gaqat_r", "gaqat_K", "w_bits", "a_bits")}
     assert seen[3] == grids[3][1] and seen[4] == grids[4][1]  # every grid value is drawn
-    default = hparams_registry.default_hparams("GAQAT", dataset)
-    default.update({"w_bits": 3, "a_bits": 3})
+    default = train_hparams("GAQAT", dataset, overrides='{"w_bits": 3, "a_bits": 3}')
     assert (default["gaqat_r"], default["gaqat_K"]) == {"PACS": (0.30, 150),
                                                          "DomainNet": (0.03, 300)}[dataset]
 
 
 def test_explicit_r_and_k_win_over_the_bit_width():
-    h = hparams_registry.random_hparams("GAQAT", "PACS", 7)
-    h.update({"gaqat_K": 77})
-    h.update({"w_bits": 3, "a_bits": 3})
+    h = train_hparams("GAQAT", "PACS", 7, 0, {"gaqat_K": 77, "w_bits": 3, "a_bits": 3})
     assert h["gaqat_K"] == 77 and h["gaqat_r"] in PAPER_3BIT["PACS"][0]
-    h = hparams_registry.random_hparams("GAQAT", "PACS", 7)
-    h.update({"w_bits": 3, "a_bits": 3, "gaqat_r": 0.5})
+    h = train_hparams("GAQAT", "PACS", 7, 0, {"w_bits": 3, "a_bits": 3, "gaqat_r": 0.5})
     assert h["gaqat_r"] == 0.5 and h["gaqat_K"] in PAPER_3BIT["PACS"][1]
-    lsq = hparams_registry.random_hparams("LSQ", "PACS", 7)
-    lsq.update({"w_bits": 3, "a_bits": 3})
-    assert "gaqat_K" not in lsq
+    h = train_hparams("GAQAT", "PACS", 7, 0, {"w_bits": 3})  # A keeps its 4: the smaller is 3
+    assert h["gaqat_K"] in PAPER_3BIT["PACS"][1]
+    assert "gaqat_K" not in train_hparams("LSQ", "PACS", 7, 0, {"w_bits": 3, "a_bits": 3})
+
+
+def test_the_registry_reads_the_bits_of_domainbed_trains_hparams():
+    """Under DomainBed's train.py (``python -m domainbed.scripts.train`` or its file) the draw
+    sees the bits of its ``--hparams``; in any other program, none."""
+    from types import SimpleNamespace
+
+    argv = ["--algorithm", "GAQAT", "--hparams", '{"w_bits": 3, "a_bits": 3}', "--steps", "1"]
+    by_module = SimpleNamespace(__spec__=SimpleNamespace(name="domainbed.scripts.train"))
+    by_file = SimpleNamespace(__spec__=None, __file__="/x/domainbed/scripts/train.py")
+    for main in (by_module, by_file):
+        assert domainbed_train_overrides(argv, main) == {"w_bits": 3, "a_bits": 3}
+        assert domainbed_train_overrides(["--hparams", "[3]"], main) == {}  # train.py says so
+        assert domainbed_train_overrides([], main) == {}
+    other = SimpleNamespace(__spec__=SimpleNamespace(name="domainbed.scripts.sweep"))
+    assert domainbed_train_overrides(argv, other) == {}
+    mine = SimpleNamespace(__spec__=None, __file__="/x/mydomainbed/scripts/train.py")
+    assert domainbed_train_overrides(argv, mine) == {}
+    assert domainbed_train_overrides() == {}  # pytest is this process's program
 
 
 @pytest.mark.slow
@@ -138,7 +157,6 @@ def test_domainbed_train_draws_from_the_3bit_grid(tmp_path):
     """DomainBed's train.py on a PACS image folder, a random hparams seed and 3-bit
     overrides: out.txt, every record and model.pkl hold the 3-bit grid's r and K."""
     import torch
-    from domainbed.lib import misc
 
     data = write_images(tmp_path / "data", "PACS", classes=2, per_class=3)
     overrides = {"w_bits": 3, "a_bits": 3, "resnet18": True, "batch_size": 1, "init": "none"}
@@ -146,8 +164,7 @@ def test_domainbed_train_draws_from_the_3bit_grid(tmp_path):
     run([PYTHON, "-m", "domainbed.scripts.train", "--dataset", "PACS", "--data_dir", str(data),
          "--algorithm", "GAQAT", "--hparams_seed", "5", "--trial_seed", "0", "--steps", "1",
          "--output_dir", str(out), "--hparams", json.dumps(overrides)], timeout=600)
-    expected = hparams_registry.random_hparams("GAQAT", "PACS", misc.seed_hash(5, 0))
-    expected.update(overrides)
+    expected = train_hparams("GAQAT", "PACS", 5, 0, overrides)  # the run's draw for 3 bits
     r, k = expected["gaqat_r"], expected["gaqat_K"]
     assert r in PAPER_3BIT["PACS"][0] and k in PAPER_3BIT["PACS"][1]
     text = (out / "out.txt").read_text()
@@ -165,7 +182,7 @@ def test_configs_and_registry_share_the_grids():
     for name, dataset, bits in (("pacs_w4a4", "PACS", 4), ("pacs_w3a3", "PACS", 3),
                                 ("domainnet_w4a4", "DomainNet", 4),
                                 ("domainnet_w3a3", "DomainNet", 3)):
-        grid = configs.load_config(name)["stages"][2]["grid"]
+        grid = configs.load_config(name).stage("gaqat").grid.axes
         expected = (PAPER_3BIT if bits == 3 else PAPER_4BIT)[dataset]
         assert (set(grid["gaqat_r"]), set(grid["gaqat_K"])) == expected, name
 

@@ -1,37 +1,145 @@
-"""Sweep configs (``sweeps/``): read without running code, resolved, checked.
+"""Sweep configs (``sweeps/``): read without running code, resolved, then parsed once into
+typed, frozen objects (:class:`SweepConfig`, :class:`Stage`, :class:`Grid`, :class:`StageRef`,
+:class:`Table`, and the launcher's :class:`~domainbed_gaqat.plugin.launchers.SlurmSettings`).
 
 A config is a ``.py`` file whose one statement that matters is ``SWEEP = {...}``, a literal read
 with ``ast.literal_eval``; the format is in ``sweeps/README.md``. ``extends`` builds on another
 config; a grid value ``"paper"`` is the paper's grid as the hparams registry holds it (the values
-DomainBed's random sweep draws from, for the config's dataset and bits). Every error names the
-file and line and what was expected.
+DomainBed's random sweep draws from, for the config's dataset and bits), resolved by the parse.
+Every error names the file and line and what was expected.
+
+>>> config = load_config("pacs_w3a3")
+>>> config.dataset, config.bits, [stage.name for stage in config.stages]
+('PACS', (3, 3), ['fp', 'qat', 'gaqat'])
+>>> config.stage("gaqat").grid.axes["gaqat_K"]  # "paper": the 3-bit grid
+(100, 150, 200)
 """
 
 import ast
 import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
 from domainbed import algorithms as domainbed_algorithms
 from domainbed import datasets
 
-from domainbed_gaqat.experiments.selection import RULES
+from domainbed_gaqat.experiments.selection import SELECTION_RULES
 from domainbed_gaqat.plugin import hparams as hparams_lib
-from domainbed_gaqat.plugin import launchers
-from domainbed_gaqat.plugin.algorithms import ALGORITHMS
+from domainbed_gaqat.plugin.launchers import SlurmSettings
+from domainbed_gaqat.plugin.registry import plugin_spec, quantized_algorithms
 
 TOP_KEYS = {"paper", "extends", "dataset", "test_envs", "trials", "bits", "selection",
             "holdout_fraction", "hparams", "stages", "table", "slurm"}
 MERGED_KEYS = ("hparams", "table", "slurm")  # merged key by key under ``extends``
 STAGE_KEYS = {"name", "from", "algorithms", "steps", "checkpoint_freq", "eval_from", "members",
-              "hparams",
-              "grid", "init_from", "hparams_from", "slurm"}
+              "hparams", "grid", "init_from", "hparams_from", "slurm"}
 BIT_KEYS = hparams_lib.BIT_KEYS
 PAPER = "paper"
 
 
 class ConfigError(ValueError):
     """A sweep config that is not what ``sweeps/README.md`` describes."""
+
+
+def _frozen(mapping: Mapping) -> Mapping:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A stage's exact grid, ``{hparam: values}``: every combination is one run.
+
+    >>> Grid({"lr": (1e-5, 3e-5), "gaqat_K": (300,)}).points()
+    [{'lr': 1e-05, 'gaqat_K': 300}, {'lr': 3e-05, 'gaqat_K': 300}]
+    """
+
+    axes: Mapping[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes", _frozen({k: tuple(v) for k, v in self.axes.items()}))
+
+    def points(self) -> list[dict[str, object]]:
+        """Every combination, in the config's key and value order."""
+        return [dict(zip(self.axes, values)) for values in itertools.product(*self.axes.values())]
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """``init_from`` / ``hparams_from``: an algorithm of an earlier stage, and (``hparams_from``)
+    the hparams copied from the run the selection rule picks there."""
+
+    stage: str
+    algorithm: str
+    keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a config (``sweeps/README.md``); ``slurm``: the launcher settings of its
+    jobs (defaults, the config's section, the stage's; the environment still wins at launch)."""
+
+    name: str
+    algorithms: tuple[str, ...]
+    steps: int
+    checkpoint_freq: int
+    eval_from: int = 0
+    members: int = 1
+    hparams: Mapping[str, object] = field(default_factory=dict)
+    grid: Grid = field(default_factory=Grid)
+    init_from: StageRef | None = None
+    hparams_from: StageRef | None = None
+    slurm: SlurmSettings = field(default_factory=SlurmSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hparams", _frozen(self.hparams))
+
+
+@dataclass(frozen=True)
+class Table:
+    """What ``gaqat tables`` shows of a config: the rows' ``algorithms`` (None: every one) and
+    the hparams that split rows."""
+
+    algorithms: tuple[str, ...] | None = None
+    split_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A parsed config: ``bits`` ``(W, A)`` or ``(W,)`` (None: not given), ``selection`` a rule
+    of :data:`~domainbed_gaqat.experiments.selection.SELECTION_RULES`, ``hparams`` fixed for
+    every algorithm that has them."""
+
+    name: str
+    path: str
+    dataset: str
+    test_envs: tuple[tuple[int, ...], ...]
+    trials: int
+    stages: tuple[Stage, ...]
+    bits: tuple[int, ...] | None = None
+    selection: str = "test"
+    holdout_fraction: float = 0.2
+    hparams: Mapping[str, object] = field(default_factory=dict)
+    table: Table = field(default_factory=Table)
+    paper: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hparams", _frozen(self.hparams))
+
+    def stage(self, name: str) -> Stage:
+        """The stage called ``name``; a :class:`ConfigError` naming the others if none is."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"--stage {name!r}: expected one of "
+                          f"{[s.name for s in self.stages]} of {self.path}")
+
+    @property
+    def algorithms(self) -> list[str]:
+        """Every stage's algorithms, in order."""
+        return [a for stage in self.stages for a in stage.algorithms]
 
 
 def config_dir() -> Path:
@@ -146,35 +254,13 @@ def _resolve(name: str, chain: tuple[str, ...] = ()) -> tuple[dict, dict, Path]:
     return config, lines, path
 
 
-def load_config(name: str) -> dict:
-    """Read, resolve and check a config (a ``sweeps/`` name or a file)."""
+def load_config(name: str) -> SweepConfig:
+    """Read, resolve and parse a config (a ``sweeps/`` name or a file)."""
     raw, lines, path = _resolve(name)
-    unknown = set(raw) - TOP_KEYS
-    config = {"selection": "test", "holdout_fraction": 0.2, "hparams": {}, "table": {},
-              "slurm": {}, **raw, "name": path.stem, "path": str(path), "lines": lines}
-    if unknown:
-        _fail(config, f"unknown keys {sorted(unknown)}; expected some of {sorted(TOP_KEYS)}",
-              sorted(unknown)[0])
-    validate(config)
-    return config
+    return _Parser(raw, lines, path).config()
 
 
-# --- checking ------------------------------------------------------------------------------
-
-
-def _fail(config: dict, message: str, *path: object) -> None:
-    """Raise :class:`ConfigError` at the line of the longest known prefix of ``path``."""
-    lines = config["lines"]
-    for n in range(len(path), -1, -1):
-        if path[:n] in lines:
-            file, line = lines[path[:n]]
-            raise ConfigError(f"{file}:{line}: {message}")
-    raise ConfigError(f"{config['path']}:1: {message}")
-
-
-def _check(ok: bool, config: dict, message: str, *path: object) -> None:
-    if not ok:
-        _fail(config, message, *path)
+# --- parsing -------------------------------------------------------------------------------
 
 
 def _int(value: object, low: int) -> bool:
@@ -187,172 +273,234 @@ def _known(algorithm: str, dataset: str) -> set[str]:
     return set(hparams_registry.default_hparams(algorithm, dataset))
 
 
-def reads_activation_bits(algorithm: str, dataset: str) -> bool:
+def _reads_activation_bits(algorithm: str, dataset: str) -> bool:
     return "a_bits" in _known(algorithm, dataset)
 
 
-def quantized(algorithm: str) -> bool:
-    """Whether ``algorithm`` is one of the plugin's quantized algorithms."""
-    found = ALGORITHMS.get(algorithm)
-    return found is not None and found.quantized
+class _Parser:
+    """Checks a resolved config and builds its :class:`SweepConfig`; every error is a
+    :class:`ConfigError` at the line of the value it names."""
 
+    def __init__(self, raw: dict, lines: dict, path: Path) -> None:
+        self.raw, self.lines, self.path = raw, lines, str(path)
+        self.name = path.stem
 
-def validate(config: dict) -> None:
-    """Check a resolved config (raising :class:`ConfigError`); resolves ``"paper"`` grids."""
-    missing = {"dataset", "test_envs", "trials", "stages"} - set(config)
-    _check(not missing, config, f"missing keys {sorted(missing)}")
-    dataset = config["dataset"]
-    _check(dataset in datasets.DATASETS, config,
-           f"dataset {dataset!r}: expected one of DomainBed's datasets {datasets.DATASETS}",
-           "dataset")
-    n_envs = datasets.num_environments(dataset)
-    groups = config["test_envs"]
-    _check(isinstance(groups, list) and groups and all(
-        isinstance(g, list) and g and all(_int(e, 0) and e < n_envs for e in g)
-        and len(set(g)) == len(g) for g in groups), config,
-        f"test_envs {groups!r}: expected a list of groups, each a list of distinct env indices "
-        f"in 0..{n_envs - 1}", "test_envs")
-    _check(_int(config["trials"], 1), config, f"trials {config['trials']!r}: expected an int >= 1",
-           "trials")
-    _check(config["selection"] in RULES, config,
-           f"selection {config['selection']!r}: expected one of {sorted(RULES)}", "selection")
-    fraction = config["holdout_fraction"]
-    _check(isinstance(fraction, float) and 0 < fraction < 1, config,
-           f"holdout_fraction {fraction!r}: expected a float in (0, 1)", "holdout_fraction")
-    bits = config.get("bits", [4, 4])
-    _check(isinstance(bits, list) and len(bits) in (1, 2)
-           and all(_int(b, 2) and b <= 8 for b in bits), config,
-           f"bits {bits!r}: expected [W, A] or [W] (weights only), each an int in 2..8", "bits")
-    _check(isinstance(config["hparams"], dict), config,
-           f"hparams {config['hparams']!r}: expected a dict", "hparams")
-    _slurm(config, config["slurm"], "slurm")
-    stages = config["stages"]
-    _check(isinstance(stages, list) and stages, config, "stages: expected a non-empty list",
-           "stages")
-    seen: dict[str, list[str]] = {}
-    for i, spec in enumerate(stages):
-        _check(isinstance(spec, dict), config, f"stage {spec!r}: expected a dict", "stages", i)
-        _validate_stage(config, spec, seen, i)
-        seen[spec["name"]] = spec["algorithms"]
-    every = [a for algorithms in seen.values() for a in algorithms]
-    _check(len(every) == len(set(every)), config,
-           f"an algorithm appears in two stages ({every}): each may appear once", "stages")
-    for key, value in config["hparams"].items():
-        _check(key not in BIT_KEYS and any(key in _known(a, dataset) for a in every), config,
-               f"hparams key {key!r}: not a hyperparameter of {every} (bits go in 'bits')",
-               "hparams", key)
-        for algorithm in every:
-            _check_value(config, algorithm, key, value, "hparams", key)
-    table = config["table"]
-    _check(isinstance(table, dict) and set(table) <= {"algorithms", "split_by"}
-           and isinstance(table.get("split_by", []), list)
-           and set(table.get("algorithms", every)) <= set(every), config,
-           f"table {table!r}: expected 'algorithms' (a subset of {every}) and 'split_by' "
-           f"(a list of hparams)", "table")
+    def fail(self, message: str, *at: object) -> None:
+        """Raise at the line of the longest known prefix of the key path ``at``."""
+        for n in range(len(at), -1, -1):
+            if at[:n] in self.lines:
+                file, line = self.lines[at[:n]]
+                raise ConfigError(f"{file}:{line}: {message}")
+        raise ConfigError(f"{self.path}:1: {message}")
 
+    def check(self, ok: bool, message: str, *at: object) -> None:
+        if not ok:
+            self.fail(message, *at)
 
-def _check_value(config: dict, algorithm: str, key: str, value: object, *path: object) -> None:
-    """A plugin hyperparameter's value against its range (DomainBed's own are not checked)."""
-    param = (hparams_lib.params(ALGORITHMS[algorithm], config["dataset"]).get(key)
-             if algorithm in ALGORITHMS else None)
-    expected = param.check(value) if param is not None else None
-    _check(expected is None, config, f"{key} {value!r} for {algorithm}: expected {expected}",
-           *path)
+    def slurm(self, settings: SlurmSettings, section: object, *at: object) -> SlurmSettings:
+        try:
+            return settings.updated(section)
+        except (ValueError, TypeError) as err:
+            self.fail(str(err), *at)
 
+    def value(self, algorithm: str, key: str, value: object, *at: object) -> None:
+        """A plugin hyperparameter's value against its range (DomainBed's own are not
+        checked)."""
+        declared = plugin_spec(algorithm)
+        param = (hparams_lib.params(declared, self.dataset).get(key) if declared is not None
+                 else None)
+        expected = param.check(value) if param is not None else None
+        self.check(expected is None, f"{key} {value!r} for {algorithm}: expected {expected}",
+                   *at)
 
-def _validate_stage(config: dict, spec: dict, seen: dict[str, list[str]], i: int) -> None:
-    at = ("stages", i)
-    name = spec.get("name")
-    where = f"stage {name!r}"
-    _check(isinstance(name, str) and name.isidentifier() and name not in seen, config,
-           f"{where}: 'name' must be a new identifier (stages so far: {list(seen)})", *at, "name")
-    unknown = sorted(set(spec) - STAGE_KEYS - {"from"})
-    _check(not unknown, config, f"{where}: unknown keys {unknown}; expected some of "
-           f"{sorted(STAGE_KEYS - {'from'})}", *at, unknown[0] if unknown else "name")
-    algorithms = spec.get("algorithms")
-    _check(isinstance(algorithms, list) and algorithms
-           and all(a in domainbed_algorithms.ALGORITHMS for a in algorithms), config,
-           f"{where}: algorithms {algorithms!r}: expected a list of registered algorithms",
-           *at, "algorithms")
-    kinds = {quantized(a) for a in algorithms}
-    _check(len(kinds) == 1, config, f"{where}: mixes quantized and full-precision algorithms",
-           *at, "algorithms")
-    is_quantized = kinds.pop()
-    _check(not is_quantized or "bits" in config, config,
-           f"{where} is quantized: the config needs bits = [W, A]", *at)
-    if is_quantized:
-        reads = {reads_activation_bits(a, config["dataset"]) for a in algorithms}
-        _check(len(reads) == 1, config, f"{where}: mixes weight-only and W/A algorithms (their "
-               "runs go to different folders): give them stages of their own", *at, "algorithms")
-        _check(not reads.pop() or len(config["bits"]) == 2, config,
-               f"{where} quantizes activations: the config needs bits = [W, A]", *at)
-    for key in ("steps", "checkpoint_freq"):
-        _check(_int(spec.get(key), 1), config, f"{where}: {key} {spec.get(key)!r}: "
-               f"expected an int >= 1", *at, key)
-    members = spec.setdefault("members", 1)
-    _check(_int(members, 1), config, f"{where}: members {members!r}: expected an int >= 1 (runs "
-           "of each job differing only in seed, for an ensemble)", *at, "members")
-    eval_from = spec.setdefault("eval_from", 0)
-    _check(_int(eval_from, 0) and eval_from < spec["steps"], config,
-           f"{where}: eval_from {eval_from!r}: expected an int in 0..steps-1", *at, "eval_from")
-    grid, fixed = spec.setdefault("grid", {}), spec.setdefault("hparams", {})
-    _check(isinstance(grid, dict) and all(v == PAPER or isinstance(v, list) and v
-                                          for v in grid.values()),
-           config, f"{where}: grid {grid!r}: expected {{name: [values, ...] or 'paper'}}",
-           *at, "grid")
-    _check(isinstance(fixed, dict), config, f"{where}: hparams {fixed!r}: expected a dict",
-           *at, "hparams")
-    bits = min(config["bits"]) if is_quantized else 4
-    for key, values in grid.items():
-        if values == PAPER:
-            try:
-                grids = {str(hparams_lib.paper_grid(ALGORITHMS[a], config["dataset"], bits, key))
-                         for a in algorithms}
-            except ValueError as err:
-                _fail(config, f"{where}: grid {key}: {err}", *at, "grid", key)
-            _check(len(grids) == 1, config, f"{where}: grid {key}: the paper's grids of "
-                   f"{algorithms} differ ({grids}): give the values", *at, "grid", key)
-            grid[key] = hparams_lib.paper_grid(ALGORITHMS[algorithms[0]], config["dataset"],
-                                               bits, key)
-    inherited = []
-    for key in ("init_from", "hparams_from"):
-        if key in spec:
-            ref = spec[key]
-            _check(isinstance(ref, dict) and ref.get("stage") in seen
-                   and ref.get("algorithm") in seen[ref["stage"]], config,
-                   f"{where}: {key} {ref!r}: expected {{'stage': an earlier stage, "
-                   f"'algorithm': one of its algorithms}}", *at, key)
-    if "hparams_from" in spec:
-        inherited = spec["hparams_from"].get("keys")
-        source = spec["hparams_from"]["algorithm"]
-        _check(isinstance(inherited, list) and inherited
-               and set(inherited) <= _known(source, config["dataset"]), config,
-               f"{where}: hparams_from needs 'keys', a list of hparams of {source} to copy",
-               *at, "hparams_from")
-    keys = list(grid) + list(fixed) + list(inherited)
-    _check(len(keys) == len(set(keys)), config,
-           f"{where}: a hyperparameter is set twice among grid, hparams and hparams_from: {keys}",
-           *at)
-    for algorithm in algorithms:
-        unknown = set(keys) - (_known(algorithm, config["dataset"]) - set(BIT_KEYS))
-        _check(not unknown, config, f"{where}: {sorted(unknown)} are not hyperparameters of "
-               f"{algorithm} (bits go in 'bits')", *at, "grid" if set(grid) & unknown
-               else "hparams")
+    def config(self) -> SweepConfig:
+        raw, check = self.raw, self.check
+        unknown = sorted(set(raw) - TOP_KEYS)
+        check(not unknown, f"unknown keys {unknown}; expected some of {sorted(TOP_KEYS)}",
+              *unknown[:1])
+        missing = {"dataset", "test_envs", "trials", "stages"} - set(raw)
+        check(not missing, f"missing keys {sorted(missing)}")
+        self.dataset = dataset = raw["dataset"]
+        check(dataset in datasets.DATASETS,
+              f"dataset {dataset!r}: expected one of DomainBed's datasets {datasets.DATASETS}",
+              "dataset")
+        n_envs = datasets.num_environments(dataset)
+        groups = raw["test_envs"]
+        check(isinstance(groups, list) and groups and all(
+            isinstance(g, list) and g and all(_int(e, 0) and e < n_envs for e in g)
+            and len(set(g)) == len(g) for g in groups),
+            f"test_envs {groups!r}: expected a list of groups, each a list of distinct env "
+            f"indices in 0..{n_envs - 1}", "test_envs")
+        check(_int(raw["trials"], 1), f"trials {raw['trials']!r}: expected an int >= 1",
+              "trials")
+        selection = raw.get("selection", "test")
+        check(selection in SELECTION_RULES, f"selection {selection!r}: expected one of "
+              f"{sorted(SELECTION_RULES)}", "selection")
+        fraction = raw.get("holdout_fraction", 0.2)
+        check(isinstance(fraction, float) and 0 < fraction < 1,
+              f"holdout_fraction {fraction!r}: expected a float in (0, 1)", "holdout_fraction")
+        bits = raw.get("bits")
+        check(bits is None or isinstance(bits, list) and len(bits) in (1, 2)
+              and all(_int(b, 2) and b <= 8 for b in bits),
+              f"bits {bits!r}: expected [W, A] or [W] (weights only), each an int in 2..8",
+              "bits")
+        self.bits = None if bits is None else tuple(bits)
+        self.settings = self.slurm(SlurmSettings(), raw.get("slurm", {}), "slurm")
+        stages = self.stages()
+        every = [a for stage in stages for a in stage.algorithms]
+        return SweepConfig(
+            self.name, self.path, dataset, tuple(tuple(sorted(g)) for g in groups),
+            raw["trials"], stages, self.bits, selection, fraction, self.hparams(every),
+            self.table(every), raw.get("paper", ""))
+
+    def stages(self) -> tuple[Stage, ...]:
+        raw = self.raw["stages"]
+        self.check(isinstance(raw, list) and raw, "stages: expected a non-empty list", "stages")
+        seen: dict[str, Stage] = {}
+        for i, entry in enumerate(raw):
+            self.check(isinstance(entry, dict), f"stage {entry!r}: expected a dict", "stages", i)
+            stage = self.stage(entry, seen, ("stages", i))
+            seen[stage.name] = stage
+        every = [a for stage in seen.values() for a in stage.algorithms]
+        self.check(len(every) == len(set(every)),
+                   f"an algorithm appears in two stages ({every}): each may appear once",
+                   "stages")
+        return tuple(seen.values())
+
+    def hparams(self, every: list[str]) -> dict:
+        """The config's fixed hparams, each read by some algorithm and in its range."""
+        fixed = self.raw.get("hparams", {})
+        self.check(isinstance(fixed, dict), f"hparams {fixed!r}: expected a dict", "hparams")
         for key, value in fixed.items():
-            _check_value(config, algorithm, key, value, *at, "hparams", key)
-        for key, values in grid.items():
-            for j, value in enumerate(values):
-                _check_value(config, algorithm, key, value, *at, "grid", key, j)
-    _slurm(config, spec.setdefault("slurm", {}), *at, "slurm")
+            self.check(key not in BIT_KEYS and any(key in _known(a, self.dataset) for a in every),
+                       f"hparams key {key!r}: not a hyperparameter of {every} (bits go in "
+                       "'bits')", "hparams", key)
+            for algorithm in every:
+                self.value(algorithm, key, value, "hparams", key)
+        return fixed
 
+    def table(self, every: list[str]) -> Table:
+        table = self.raw.get("table", {})
+        self.check(isinstance(table, dict) and set(table) <= {"algorithms", "split_by"}
+                   and isinstance(table.get("split_by", []), list)
+                   and set(table.get("algorithms", every)) <= set(every),
+                   f"table {table!r}: expected 'algorithms' (a subset of {every}) and "
+                   f"'split_by' (a list of hparams)", "table")
+        shown = table.get("algorithms")
+        return Table(None if shown is None else tuple(shown), tuple(table.get("split_by", ())))
 
-def _slurm(config: dict, section: object, *path: object) -> None:
-    try:
-        launchers.settings(section)
-    except (ValueError, TypeError) as err:
-        _fail(config, str(err), *path)
+    def stage(self, raw: dict, seen: dict[str, Stage], at: tuple) -> Stage:
+        name = raw.get("name")
+        where = f"stage {name!r}"
+        self.check(isinstance(name, str) and name.isidentifier() and name not in seen,
+                   f"{where}: 'name' must be a new identifier (stages so far: {list(seen)})",
+                   *at, "name")
+        unknown = sorted(set(raw) - STAGE_KEYS - {"from"})
+        self.check(not unknown, f"{where}: unknown keys {unknown}; expected some of "
+                   f"{sorted(STAGE_KEYS - {'from'})}", *at, unknown[0] if unknown else "name")
+        algorithms = raw.get("algorithms")
+        self.check(isinstance(algorithms, list) and algorithms
+                   and all(a in domainbed_algorithms.ALGORITHMS for a in algorithms),
+                   f"{where}: algorithms {algorithms!r}: expected a list of registered "
+                   "algorithms", *at, "algorithms")
+        quantized = self.stage_bits(where, algorithms, at)
+        for key in ("steps", "checkpoint_freq"):
+            self.check(_int(raw.get(key), 1), f"{where}: {key} {raw.get(key)!r}: expected an "
+                       "int >= 1", *at, key)
+        members, eval_from = raw.get("members", 1), raw.get("eval_from", 0)
+        self.check(_int(members, 1), f"{where}: members {members!r}: expected an int >= 1 "
+                   "(runs of each job differing only in seed, for an ensemble)", *at, "members")
+        self.check(_int(eval_from, 0) and eval_from < raw["steps"], f"{where}: eval_from "
+                   f"{eval_from!r}: expected an int in 0..steps-1", *at, "eval_from")
+        fixed = raw.get("hparams", {})
+        grid = self.grid(where, raw.get("grid", {}), algorithms, quantized, at)
+        self.check(isinstance(fixed, dict), f"{where}: hparams {fixed!r}: expected a dict",
+                   *at, "hparams")
+        init_from, hparams_from = (self.ref(where, raw.get(key), seen, key, at)
+                                   for key in ("init_from", "hparams_from"))
+        self.stage_hparams(where, algorithms, grid, fixed, hparams_from, at)
+        slurm = self.slurm(self.settings, raw.get("slurm", {}), *at, "slurm")
+        return Stage(name, tuple(algorithms), raw["steps"], raw["checkpoint_freq"], eval_from,
+                     members, fixed, grid, init_from, hparams_from, slurm)
 
+    def stage_hparams(self, where: str, algorithms: list[str], grid: Grid, fixed: dict,
+                      hparams_from: StageRef | None, at: tuple) -> None:
+        """Each hparam the stage sets once, read by each of its algorithms, in range."""
+        keys = [*grid.axes, *fixed, *(hparams_from.keys if hparams_from else ())]
+        self.check(len(keys) == len(set(keys)), f"{where}: a hyperparameter is set twice "
+                   f"among grid, hparams and hparams_from: {keys}", *at)
+        for algorithm in algorithms:
+            unknown = set(keys) - (_known(algorithm, self.dataset) - set(BIT_KEYS))
+            self.check(not unknown, f"{where}: {sorted(unknown)} are not hyperparameters of "
+                       f"{algorithm} (bits go in 'bits')", *at,
+                       "grid" if set(grid.axes) & unknown else "hparams")
+            for key, value in fixed.items():
+                self.value(algorithm, key, value, *at, "hparams", key)
+            for key, values in grid.axes.items():
+                for j, value in enumerate(values):
+                    self.value(algorithm, key, value, *at, "grid", key, j)
 
-def grid_points(grid: dict[str, list]) -> list[dict]:
-    """The exact grid: every combination, in the config's key and value order."""
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    def stage_bits(self, where: str, algorithms: list[str], at: tuple) -> bool:
+        """Whether the stage is quantized; its algorithms must agree, and the config's bits
+        fit them."""
+        kinds = {a in quantized_algorithms() for a in algorithms}
+        self.check(len(kinds) == 1, f"{where}: mixes quantized and full-precision algorithms",
+                   *at, "algorithms")
+        quantized = kinds.pop()
+        self.check(not quantized or self.bits is not None,
+                   f"{where} is quantized: the config needs bits = [W, A]", *at)
+        if quantized:
+            reads = {_reads_activation_bits(a, self.dataset) for a in algorithms}
+            self.check(len(reads) == 1, f"{where}: mixes weight-only and W/A algorithms (their "
+                       "runs go to different folders): give them stages of their own", *at,
+                       "algorithms")
+            self.check(not reads.pop() or len(self.bits) == 2,
+                       f"{where} quantizes activations: the config needs bits = [W, A]", *at)
+        return quantized
+
+    def grid(self, where: str, raw: object, algorithms: list[str], quantized: bool,
+             at: tuple) -> Grid:
+        """The stage's grid, ``"paper"`` resolved to the registry's grid at the config's
+        (smaller) bit-width."""
+        self.check(isinstance(raw, dict) and all(v == PAPER or isinstance(v, list) and v
+                                                 for v in raw.values()),
+                   f"{where}: grid {raw!r}: expected {{name: [values, ...] or 'paper'}}",
+                   *at, "grid")
+        bits = min(self.bits) if quantized else 4
+        axes = {}
+        for key, values in raw.items():
+            if values == PAPER:
+                grids = set()
+                for algorithm in algorithms:
+                    declared = plugin_spec(algorithm)
+                    try:
+                        if declared is None:
+                            raise ValueError(f"{algorithm} is DomainBed's own: give its values")
+                        grids.add(tuple(hparams_lib.paper_grid(declared, self.dataset, bits,
+                                                               key)))
+                    except ValueError as err:
+                        self.fail(f"{where}: grid {key}: {err}", *at, "grid", key)
+                self.check(len(grids) == 1, f"{where}: grid {key}: the paper's grids of "
+                           f"{algorithms} differ ({sorted(grids)}): give the values",
+                           *at, "grid", key)
+                values = grids.pop()
+            axes[key] = values
+        return Grid(axes)
+
+    def ref(self, where: str, raw: object, seen: dict[str, Stage], key: str,
+            at: tuple) -> StageRef | None:
+        """``init_from`` / ``hparams_from``: an earlier stage's algorithm (and keys)."""
+        if raw is None:
+            return None
+        self.check(isinstance(raw, dict) and raw.get("stage") in seen
+                   and raw.get("algorithm") in seen[raw["stage"]].algorithms,
+                   f"{where}: {key} {raw!r}: expected {{'stage': an earlier stage, "
+                   f"'algorithm': one of its algorithms}}", *at, key)
+        if key != "hparams_from":
+            return StageRef(raw["stage"], raw["algorithm"])
+        keys = raw.get("keys")
+        self.check(isinstance(keys, list) and keys
+                   and set(keys) <= _known(raw["algorithm"], self.dataset),
+                   f"{where}: hparams_from needs 'keys', a list of hparams of "
+                   f"{raw['algorithm']} to copy", *at, key)
+        return StageRef(raw["stage"], raw["algorithm"], tuple(keys))

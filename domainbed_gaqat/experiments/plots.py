@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from domainbed_gaqat.experiments import outputs
-from domainbed_gaqat.experiments.results import Run
-from domainbed_gaqat.experiments.selection import RULES, score
+from domainbed_gaqat.experiments.results import RunFolder
+from domainbed_gaqat.experiments.selection import SELECTION_RULES, score
 
 GAQAT_KEYS = {"frozen_frac": "fraction of frozen scales", "disorder_mean": "mean disorder"}
 
@@ -33,7 +33,7 @@ class Curve:
     chosen: int
 
 
-def curve(run: Run, test_envs: tuple[int, ...], chosen: int, rule: str) -> Curve:
+def curve(run: RunFolder, test_envs: tuple[int, ...], chosen: int, rule: str) -> Curve:
     """The values of ``run``'s records (by step)."""
     records = sorted(run.records, key=lambda r: r["step"])
     values: dict[str, list[float]] = defaultdict(list)
@@ -48,7 +48,7 @@ def curve(run: Run, test_envs: tuple[int, ...], chosen: int, rule: str) -> Curve
                  chosen)
 
 
-def cell_curves(entries: list[tuple[Run, int]], cells: list[dict],
+def cell_curves(entries: list[tuple[RunFolder, int]], cells: list[dict],
                 rule: str) -> dict[tuple, dict[tuple, list[Curve]]]:
     """``{(dataset, test_envs): {row: [Curve per trial]}}`` from the tables' chosen cells
     (:func:`~domainbed_gaqat.experiments.tables.select_cells`)."""
@@ -118,7 +118,7 @@ def paths(cells: list[dict], directory: str) -> dict[tuple, str]:
             for key in keys}
 
 
-def write_plots(entries: list[tuple[Run, int]], cells: list[dict], directory: str, rule: str,
+def write_plots(entries: list[tuple[RunFolder, int]], cells: list[dict], directory: str, rule: str,
                 split_by: list[str], env_names: dict[str, list[str] | None],
                 overwrite: bool = False) -> list[str]:
     """A PNG per table cell in ``directory`` (:func:`paths`; existing files refused unless
@@ -131,7 +131,7 @@ def write_plots(entries: list[tuple[Run, int]], cells: list[dict], directory: st
         names = env_names.get(dataset)
         domains = ", ".join(f"{names[e]} (env {e})" if names else f"env {e}" for e in test_envs)
         title = (f"{dataset}, test domain{'s' if len(test_envs) > 1 else ''} {domains}\n"
-                 f"selection: {RULES[rule].split(' (')[0]}; {trials}")
+                 f"selection: {SELECTION_RULES[rule].description.split(' (')[0]}; {trials}")
         fig = figure(title, found[dataset, test_envs], split_by,
                      "mean of the test domains" if len(test_envs) > 1 else domains)
         outputs.save_figure(fig, path, overwrite)

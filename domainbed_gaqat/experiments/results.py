@@ -7,8 +7,8 @@ is skipped and reported, and each run keeps its folder, so incomplete runs can b
 
 A DomainBed run folder is named by a hash of its train arguments, absolute paths included, so
 a results tree that was moved, copied or merged from several machines no longer matches the
-hashes a sweep computes. :func:`identity` is what a run *is* (its records' arguments and hparams
-without paths and the seeds derived from them); :class:`Locator` finds a job's run by it.
+hashes a sweep computes. :class:`Locator` finds a job's run by what the run *is*, the
+:attr:`~domainbed_gaqat.experiments.runs.RunSpec.identity` of its records.
 """
 
 import json
@@ -16,27 +16,16 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from domainbed_gaqat.experiments.runs import RunSpec
 from domainbed_gaqat.plugin.reporting import read_results
 from domainbed_gaqat.progress import track
 
 RUN_FILES = ("results.jsonl", "done", "out.txt", "err.txt")
 JOB_HASH = re.compile(r"[0-9a-f]{32}")  # DomainBed's Job folder name: md5 of the train args
-# train arguments that say what a run is (not where it is, nor seeds hashed from paths)
-IDENTITY_ARGS = ("dataset", "algorithm", "test_envs", "trial_seed", "steps", "checkpoint_freq",
-                 "holdout_fraction", "task", "eval_from", "member")
-PATH_HPARAMS = ("init_path",)
-
-
-def identity(args: dict, hparams: dict) -> str:
-    """A run's identity from its train arguments and hparams (see the module docstring)."""
-    key = {k: args.get(k) for k in IDENTITY_ARGS}
-    key["test_envs"] = sorted(key["test_envs"] or [])
-    key["hparams"] = {k: v for k, v in hparams.items() if k not in PATH_HPARAMS}
-    return json.dumps(key, sort_keys=True)
 
 
 @dataclass
-class Run:
+class RunFolder:
     """One DomainBed run folder: its valid checkpoint records, in file order."""
 
     path: str
@@ -53,8 +42,9 @@ class Run:
         return self.records[0]["hparams"] if self.records else {}
 
     @property
-    def identity(self) -> str | None:
-        return identity(self.args, self.hparams) if self.records else None
+    def spec(self) -> RunSpec | None:
+        """What the run is, from its first record (None before it has one)."""
+        return RunSpec.from_record(self.records[0]) if self.records else None
 
     def status(self) -> str:
         """One line for the list of incomplete runs."""
@@ -77,7 +67,7 @@ def _record_problem(record: object) -> str | None:
     return f"missing {', '.join(missing)}" if missing else None
 
 
-def read_run(path: str) -> Run:
+def read_run(path: str) -> RunFolder:
     """Read one run folder; unreadable or incomplete lines are reported in ``problems``."""
     records, problems = [], []
     results = os.path.join(path, "results.jsonl")
@@ -89,7 +79,7 @@ def read_run(path: str) -> Run:
                 problems.append(f"{results}:{number}: {why}, skipped")
             else:
                 records.append(record)
-    return Run(path, records, os.path.isfile(os.path.join(path, "done")), problems)
+    return RunFolder(path, records, os.path.isfile(os.path.join(path, "done")), problems)
 
 
 def _valid(line: bytes) -> dict | None:
@@ -100,13 +90,13 @@ def _valid(line: bytes) -> dict | None:
     return record if _record_problem(record) is None else None
 
 
-def read_run_ends(path: str, tail_bytes: int = 65536) -> Run:
+def read_run_ends(path: str, tail_bytes: int = 65536) -> RunFolder:
     """:func:`read_run` keeping only the first and the last valid records (what a run is, and
     how far it got), read from the two ends of ``results.jsonl``: cheap on long runs."""
     results = os.path.join(path, "results.jsonl")
     done = os.path.isfile(os.path.join(path, "done"))
     if not os.path.isfile(results):
-        return Run(path, [], done)
+        return RunFolder(path, [], done)
     with open(results, "rb") as f:
         first = _valid(f.readline())
         size = f.seek(0, os.SEEK_END)
@@ -115,7 +105,7 @@ def read_run_ends(path: str, tail_bytes: int = 65536) -> Run:
     last = next(filter(None, map(_valid, reversed(tail))), None)
     if first is None or last is None:  # a damaged end: read it all
         return read_run(path)
-    return Run(path, [first] if last == first else [first, last], done)
+    return RunFolder(path, [first] if last == first else [first, last], done)
 
 
 def _is_run(path: str, names: list[str]) -> bool:
@@ -137,7 +127,7 @@ def run_folders(dirs: list[str]) -> list[str]:
     return sorted(paths)
 
 
-def find_runs(dirs: list[str], progress: bool = True) -> list[Run]:
+def find_runs(dirs: list[str], progress: bool = True) -> list[RunFolder]:
     """Every run under ``dirs`` (:func:`run_folders`), read, sorted by path; progress on
     stderr for large trees (:func:`~domainbed_gaqat.progress.track`)."""
     return [read_run(p) for p in track(run_folders(dirs), "reading run folders",
@@ -153,29 +143,28 @@ class Locator:
     the others).
     """
 
-    def __init__(self, runs: list[Run] | None = None) -> None:
-        self.by_identity: dict[str, Run] | None = None
+    def __init__(self, runs: list[RunFolder] | None = None) -> None:
+        self.by_identity: dict[str, RunFolder] | None = None
         self.duplicates: list[str] = []
         if runs is not None:
             self.by_identity = {}
             for run in sorted(runs, key=lambda r: (not r.done, r.path)):
-                if run.identity is None:
+                if run.spec is None:
                     continue
-                first = self.by_identity.setdefault(run.identity, run)
+                first = self.by_identity.setdefault(run.spec.identity, run)
                 if first is not run:
                     self.duplicates.append(f"{run.path} repeats {first.path} (the same job): "
                                            "not used")
 
-    def run(self, job) -> Run | None:
+    def find(self, job) -> RunFolder | None:
         """The job's run, or None where it has none (not launched, or no record yet)."""
         if self.by_identity is None:
             return read_run(job.output_dir) if os.path.isdir(job.output_dir) else None
-        args = job.train_args
-        return self.by_identity.get(identity(args, json.loads(args["hparams"])))
+        return self.by_identity.get(RunSpec.from_train_args(job.train_args).identity)
 
     def state(self, job) -> str:
         """DomainBed's ``Job.DONE`` / ``INCOMPLETE`` / ``NOT_LAUNCHED``."""
         if self.by_identity is None:
             return job.state
-        run = self.run(job)
+        run = self.find(job)
         return job.NOT_LAUNCHED if run is None else job.DONE if run.done else job.INCOMPLETE

@@ -108,7 +108,7 @@ class RunFiles:
     def load_state(self) -> dict | None:
         """The saved state (read weights-only: an output folder can be shared or tampered
         with), or None."""
-        from domainbed_gaqat.plugin.checkpoints import read_weights
+        from domainbed_gaqat.plugin.model_files import read_weights
 
         if not os.path.exists(self.file(RESUME)):
             return None

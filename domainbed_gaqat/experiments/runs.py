@@ -14,12 +14,19 @@ leaves them out and :meth:`differences` (the resume check) adds them.
 True
 >>> a.differences(RunSpec("GAQAT", "PACS", (0, 2), {"lr": 1e-5}, seed=1))
 {'hparams.lr': (5e-05, 1e-05), 'seed': (0, 1)}
+
+A sweep's run derives its seeds and its ``train.py`` arguments from the spec, and goes to the
+folder of its bit-width (DomainBed's ``Job`` then hashes the arguments into the run folder):
+
+>>> run = RunSpec("LSQ", "PACS", (1,), {"w_bits": 3, "a_bits": 3}, steps=10).with_sweep_seeds()
+>>> run.bits_name, run.train_args("/data")["hparams"], run.hparams_seed > 0
+('w3a3', '{"a_bits": 3, "w_bits": 3}', True)
 """
 
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 
 PATH_HPARAMS = ("init_path",)  # hparams that say where a file is, not what the run is
@@ -53,8 +60,10 @@ class RunSpec:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "test_envs", tuple(self.test_envs))
+        object.__setattr__(self, "test_envs", tuple(int(e) for e in self.test_envs))
         object.__setattr__(self, "hparams", MappingProxyType(dict(self.hparams)))
+        for name in ("holdout_fraction", "uda_holdout_fraction"):  # train.py's 0 is 0.0
+            object.__setattr__(self, name, float(getattr(self, name)))
 
     # --- built from what a run was given or recorded ---------------------------------------
 
@@ -71,6 +80,12 @@ class RunSpec:
     def from_record(cls, record: Mapping[str, object]) -> "RunSpec":
         """From one ``results.jsonl`` record (its ``args`` and ``hparams``)."""
         return cls.from_args(record["args"], record["hparams"])
+
+    @classmethod
+    def from_train_args(cls, args: Mapping[str, object]) -> "RunSpec":
+        """From a command's arguments, hparams given in full as ``--hparams`` JSON (a sweep's
+        DomainBed ``Job.train_args``)."""
+        return cls.from_args(args, json.loads(args["hparams"]))
 
     def to_dict(self) -> dict[str, object]:
         """Every field as plain values (``RunSpec(**spec.to_dict()) == spec``)."""
@@ -112,9 +127,50 @@ class RunSpec:
             return None
         return tuple(self.hparams[k] for k in ("w_bits", "a_bits") if k in self.hparams)
 
+    @property
+    def bits_name(self) -> str:
+        """``fp``, ``w<W>a<A>`` or ``w<W>`` (weights only): a sweep's folder per bit-width."""
+        bits = self.quantized_bits
+        return "fp" if bits is None else "".join(f"{k}{b}" for k, b in zip("wa", bits))
+
     def recorded_own_args(self) -> dict[str, object]:
         """The entry's own arguments as records hold them: only those away from default."""
         return {k: getattr(self, k) for k, d in OWN_DEFAULTS.items() if getattr(self, k) != d}
+
+    # --- as a sweep's job ------------------------------------------------------------------
+
+    def with_sweep_seeds(self) -> "RunSpec":
+        """The seeds a sweep gives the run. ``hparams_seed`` hashes what the run computes
+        (algorithm, dataset, hparams with their paths, step settings, the entry's own
+        arguments away from default), so runs that differ get different seeds (DomainBed's
+        model selection groups runs by it) and equal runs of two configs are one job; ``seed``
+        is DomainBed's sweep's hash of dataset, algorithm, test envs, ``hparams_seed`` and
+        trial."""
+        from domainbed.lib import misc
+
+        what = {"algorithm": self.algorithm, "dataset": self.dataset,
+                "hparams": dict(self.hparams), "steps": self.steps,
+                "checkpoint_freq": self.checkpoint_freq,
+                "holdout_fraction": self.holdout_fraction, **self.recorded_own_args()}
+        hparams_seed = misc.seed_hash(json.dumps(what, sort_keys=True))
+        seed = misc.seed_hash(self.dataset, self.algorithm, list(self.test_envs), hparams_seed,
+                              self.trial_seed)
+        return replace(self, hparams_seed=hparams_seed, seed=seed)
+
+    def train_args(self, data_dir: str) -> dict[str, object]:
+        """Its ``domainbed_gaqat.train`` arguments (DomainBed's train.py's and the entry's own
+        away from default), hparams in full as ``--hparams`` JSON."""
+        args = {"dataset": self.dataset, "algorithm": self.algorithm,
+                "test_envs": list(self.test_envs), "hparams_seed": self.hparams_seed,
+                "data_dir": data_dir, "task": self.task, "trial_seed": self.trial_seed,
+                "hparams": json.dumps(dict(self.hparams), sort_keys=True), "seed": self.seed,
+                "holdout_fraction": self.holdout_fraction}
+        for name in ("steps", "checkpoint_freq"):
+            if getattr(self, name) is not None:
+                args[name] = getattr(self, name)
+        if self.uda_holdout_fraction:
+            args["uda_holdout_fraction"] = self.uda_holdout_fraction
+        return {**args, **self.recorded_own_args()}
 
 
 def _same(a: object, b: object) -> bool:

@@ -15,7 +15,7 @@ Each planned run of each stage is one of:
   in it yet (no owner, no file): waiting in the launcher's queue;
 - ``not launched``: no run folder;
 - ``waiting``: its stage starts from runs of an earlier stage that are not all done, so its jobs
-  are not known yet (:attr:`~domainbed_gaqat.experiments.sweep.Stage.blocked`).
+  are not known yet (:attr:`~domainbed_gaqat.experiments.sweep.PlannedStage.blocked`).
 
 Runs are found as ``gaqat tables`` finds them, by what they recorded
 (:class:`~domainbed_gaqat.experiments.results.Locator`; moved or merged trees work), with a
@@ -41,16 +41,16 @@ from dataclasses import asdict, dataclass
 
 from domainbed.scripts.sweep import Job
 
-from domainbed_gaqat.experiments.configs import grid_points, load_config
+from domainbed_gaqat.experiments.configs import SweepConfig, load_config
 from domainbed_gaqat.experiments.ownership import holder
 from domainbed_gaqat.experiments.results import (
     Locator,
-    Run,
+    RunFolder,
     read_run,
     read_run_ends,
     run_folders,
 )
-from domainbed_gaqat.experiments.sweep import Stage, plan
+from domainbed_gaqat.experiments.sweep import PlannedStage, plan
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 from domainbed_gaqat.progress import track
 
@@ -154,33 +154,32 @@ def err_tail(folder: str, lines: int = ERR_LINES) -> tuple[str, ...] | None:
     return tuple(tail[-lines:])
 
 
-def read_runs(output_dir: str, progress: bool = True) -> list[Run]:
+def read_runs(output_dir: str, progress: bool = True) -> list[RunFolder]:
     """The runs under ``output_dir``, their first and last records only
     (:func:`~domainbed_gaqat.experiments.results.read_run_ends`)."""
     return [read_run_ends(folder) for folder in track(run_folders([output_dir]),
                                                       "reading run folders", enabled=progress)]
 
 
-def plan_with(config: dict, output_dir: str, data_dir: str,
-              runs: list[Run]) -> tuple[list[Stage], Locator]:
+def plan_with(config: SweepConfig, output_dir: str, data_dir: str,
+              runs: list[RunFolder]) -> tuple[list[PlannedStage], Locator]:
     """The sweep planned over ``runs``, where every record of the done runs of the stages
     that later stages start from is read (the planner chooses among their checkpoints);
     repeated until no more such run is found (a chain of stages)."""
-    sources = {s[key]["stage"] for s in config["stages"]
-               for key in ("init_from", "hparams_from") if key in s}
+    sources = {ref.stage for s in config.stages for ref in (s.init_from, s.hparams_from) if ref}
     full: set[str] = set()
     while True:
         locator = Locator(runs)
         planned = plan(config, output_dir, data_dir, locator)
         wanted = {run.path for stage in planned if stage.name in sources for job in stage.jobs
-                  if (run := locator.run(job)) is not None and run.done} - full
+                  if (run := locator.find(job)) is not None and run.done} - full
         if not wanted:
             return planned, locator
         full |= wanted
         runs = [read_run(run.path) if run.path in wanted else run for run in runs]
 
 
-def run_state(stage: str, job: Job, run: Run | None) -> RunState:
+def run_state(stage: str, job: Job, run: RunFolder | None) -> RunState:
     """A planned job's state from its run (None: none found)."""
     args = job.train_args
     fields = {"stage": stage, "algorithm": args["algorithm"],
@@ -206,14 +205,14 @@ def run_state(stage: str, job: Job, run: Run | None) -> RunState:
                     **fields)
 
 
-def waiting_runs(config: dict, stage: Stage) -> list[RunState]:
+def waiting_runs(config: SweepConfig, planned: PlannedStage) -> list[RunState]:
     """The runs a blocked stage will have: trials x test-env groups x algorithms x grid points
     x members (the grid is known; what the stage inherits is not)."""
-    spec = stage.spec
-    return [RunState(stage.name, algorithm, tuple(sorted(envs)), trial, WAITING, spec["steps"])
-            for trial in range(config["trials"]) for envs in config["test_envs"]
-            for algorithm in spec["algorithms"] for _ in grid_points(spec["grid"])
-            for _ in range(spec["members"])]
+    stage = planned.stage
+    return [RunState(stage.name, algorithm, envs, trial, WAITING, stage.steps)
+            for trial in range(config.trials) for envs in config.test_envs
+            for algorithm in stage.algorithms for _ in stage.grid.points()
+            for _ in range(stage.members)]
 
 
 def step_times(runs: list[RunState]) -> dict[str, float]:
@@ -236,7 +235,7 @@ def estimate(algorithm: str, measured: dict[str, float]) -> float | None:
     return None
 
 
-def sweep_status(config: dict, output_dir: str, data_dir: str,
+def sweep_status(config: SweepConfig, output_dir: str, data_dir: str,
                  progress: bool = True) -> SweepStatus:
     """The state of every run of ``config`` under ``output_dir`` (nothing is written)."""
     output_dir = os.path.abspath(output_dir)
@@ -247,22 +246,22 @@ def sweep_status(config: dict, output_dir: str, data_dir: str,
     planned, locator = plan_with(config, output_dir, data_dir, runs)
     read_seconds = time.monotonic() - start
     states = {s.name: (waiting_runs(config, s) if s.blocked else
-                       [run_state(s.name, job, locator.run(job)) for job in s.jobs])
+                       [run_state(s.name, job, locator.find(job)) for job in s.jobs])
               for s in planned}
     measured = step_times([r for found in states.values() for r in found])
     stages = []
-    for stage in planned:
+    for entry in planned:
         found = []
-        for run in states[stage.name]:
+        for run in states[entry.name]:
             if run.state in (QUEUED, NOT_LAUNCHED, WAITING):
                 per_step = estimate(run.algorithm, measured)
                 if per_step is not None:
                     run = RunState(**{**asdict(run), "step_time": per_step,
                                       "seconds_left": run.steps * per_step})
             found.append(run)
-        stages.append(StageStatus(stage.name, stage.folder, tuple(stage.spec["algorithms"]),
-                                  stage.spec["steps"], stage.blocked, tuple(found)))
-    return SweepStatus(config["name"], output_dir, len(runs), read_seconds, tuple(stages),
+        stages.append(StageStatus(entry.name, entry.folder, entry.stage.algorithms,
+                                  entry.stage.steps, entry.blocked, tuple(found)))
+    return SweepStatus(config.name, output_dir, len(runs), read_seconds, tuple(stages),
                        tuple(locator.duplicates))
 
 

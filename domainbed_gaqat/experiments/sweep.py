@@ -25,28 +25,26 @@ removes what DomainBed would. On top of DomainBed's sweep:
 """
 
 import functools
-import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from domainbed import command_launchers, hparams_registry
-from domainbed.lib import misc
+from domainbed import command_launchers
 from domainbed.scripts.sweep import Job, ask_for_confirmation
 
 from domainbed_gaqat.experiments.configs import (
     BIT_KEYS,
-    ConfigError,
-    grid_points,
+    Stage,
+    SweepConfig,
     load_config,
-    quantized,
-    reads_activation_bits,
 )
 from domainbed_gaqat.experiments.results import Locator
+from domainbed_gaqat.experiments.runs import RunSpec
 from domainbed_gaqat.experiments.selection import Choice, choose
 from domainbed_gaqat.plugin import launchers
-from domainbed_gaqat.plugin.checkpoints import MOCO_ENV, torchvision_path
+from domainbed_gaqat.plugin.hparams import train_hparams
+from domainbed_gaqat.plugin.initial_weights import MOCO_ENV, torchvision_path
 
 
 class Blocked(Exception):
@@ -57,63 +55,44 @@ class Blocked(Exception):
 
 
 @dataclass
-class Stage:
-    """One stage of a planned sweep: its jobs, or why they cannot be known yet."""
+class PlannedStage:
+    """One stage of a config with its DomainBed jobs, or why they cannot be known yet."""
 
-    spec: dict
+    stage: Stage
     folder: str
     jobs: list[Job] = field(default_factory=list)
     blocked: str = ""
 
     @property
     def name(self) -> str:
-        return self.spec["name"]
+        return self.stage.name
 
 
-def stage_folder(config: dict, spec: dict, output_dir: str) -> str:
+def run_hparams(config: SweepConfig, stage: Stage, algorithm: str) -> dict:
+    """An algorithm's hparams in a stage, before what it inherits and its grid point: the
+    registry's defaults for the config's bits, then the config's and the stage's fixed
+    hparams and the bits."""
+    known = train_hparams(algorithm, config.dataset)
+    overrides = {k: v for k, v in config.hparams.items() if k in known}
+    overrides.update(stage.hparams)
+    overrides.update((k, b) for k, b in zip(BIT_KEYS, config.bits or ()) if k in known)
+    return train_hparams(algorithm, config.dataset, overrides=overrides)
+
+
+def stage_folder(config: SweepConfig, stage: Stage, output_dir: str) -> str:
     """``OUT/<dataset>/fp``, ``OUT/<dataset>/w<W>a<A>``, or ``OUT/<dataset>/w<W>`` (weights
-    only)."""
-    algorithm = spec["algorithms"][0]
-    if not quantized(algorithm):
-        return os.path.join(output_dir, config["dataset"], "fp")
-    bits = config["bits"] if reads_activation_bits(algorithm, config["dataset"]) else [
-        config["bits"][0]]
-    return os.path.join(output_dir, config["dataset"], "".join(
-        f"{kind}{b}" for kind, b in zip("wa", bits)))
+    only): the folder of the bit-width of the stage's runs."""
+    algorithm = stage.algorithms[0]
+    spec = RunSpec(algorithm, config.dataset, (), run_hparams(config, stage, algorithm))
+    return os.path.join(output_dir, config.dataset, spec.bits_name)
 
 
-def train_args(config: dict, spec: dict, algorithm: str, test_envs: list[int], trial: int,
-               hparams: dict, data_dir: str, member: int = 0) -> dict:
-    """Arguments of one run of ``domainbed_gaqat.train`` (DomainBed's train.py and
-    ``--eval_from``); DomainBed hashes them into the run's folder."""
-    steps = {"steps": spec["steps"], "checkpoint_freq": spec["checkpoint_freq"],
-             "holdout_fraction": config["holdout_fraction"],
-             **({"eval_from": spec["eval_from"]} if spec["eval_from"] else {})}
-    identity = {"algorithm": algorithm, "dataset": config["dataset"], "hparams": hparams, **steps}
-    if member:  # an ensemble member: the same run with another seed (and its own group)
-        identity["member"] = member
-    hparams_seed = misc.seed_hash(json.dumps(identity, sort_keys=True))
-    return {"dataset": config["dataset"], "algorithm": algorithm, "test_envs": test_envs,
-            "hparams_seed": hparams_seed, "data_dir": data_dir, "task": "domain_generalization",
-            "trial_seed": trial, "hparams": json.dumps(hparams, sort_keys=True),
-            "seed": misc.seed_hash(config["dataset"], algorithm, test_envs, hparams_seed, trial),
-            **steps, **({"member": member} if member else {})}
-
-
-def _hparams(config: dict, spec: dict, algorithm: str, inherited: dict, point: dict) -> dict:
-    hparams = hparams_registry.default_hparams(algorithm, config["dataset"])
-    hparams.update((k, v) for k, v in config["hparams"].items() if k in hparams)
-    hparams.update(spec["hparams"])
-    hparams.update((k, b) for k, b in zip(BIT_KEYS, config["bits"]) if k in hparams)
-    return {**hparams, **inherited, **point}
-
-
-def _launch_hint(config: dict, stage: str, output_dir: str, data_dir: str) -> str:
-    return (f"gaqat sweep launch {config['name']} --stage {stage} --output_dir {output_dir} "
+def _launch_hint(config: SweepConfig, stage: str, output_dir: str, data_dir: str) -> str:
+    return (f"gaqat sweep launch {config.name} --stage {stage} --output_dir {output_dir} "
             f"--data_dir {data_dir} --command_launcher ...")
 
 
-def _ready(dep: Stage, algorithm: str, hint: str, locator: Locator) -> list[Job]:
+def _ready(dep: PlannedStage, algorithm: str, hint: str, locator: Locator) -> list[Job]:
     """The ``algorithm`` jobs of stage ``dep``, which must all be done."""
     if dep.blocked:
         raise Blocked(f"stage {dep.name!r} must be launched and finished first ({dep.blocked})")
@@ -129,139 +108,153 @@ def _ready(dep: Stage, algorithm: str, hint: str, locator: Locator) -> list[Job]
     return jobs
 
 
-def _pick(config: dict, locator: Locator, dep: Stage, jobs: list[Job], test_envs: list[int],
-          trial: int, last: bool) -> Choice:
+def _pick(config: SweepConfig, locator: Locator, dep: PlannedStage, jobs: list[Job],
+          test_envs: tuple[int, ...], trial: int, last: bool) -> Choice:
     """The rule's choice among ``jobs`` (all done) of one test-env group and trial."""
-    runs = [locator.run(j) for j in jobs
-            if j.train_args["test_envs"] == test_envs and j.train_args["trial_seed"] == trial]
-    choice = choose([(run, dep.spec["eval_from"]) for run in runs], config["selection"], last)
+    runs = [locator.find(j) for j in jobs
+            if tuple(j.train_args["test_envs"]) == test_envs
+            and j.train_args["trial_seed"] == trial]
+    choice = choose([(run, dep.stage.eval_from) for run in runs], config.selection, last)
     if choice is None:
-        raise Blocked(f"stage {dep.name!r} has no usable record for test envs {test_envs}, "
-                      f"trial {trial} in {[r.path for r in runs]}")
+        raise Blocked(f"stage {dep.name!r} has no usable record for test envs "
+                      f"{list(test_envs)}, trial {trial} in {[r.path for r in runs]}")
     return choice
 
 
-def _stage_jobs(config: dict, spec: dict, stages: dict[str, Stage], output_dir: str,
-                data_dir: str, folder: str, locator: Locator) -> list[Job]:
+def _inherited(config: SweepConfig, stage: Stage, deps: dict, locator: Locator,
+               test_envs: tuple[int, ...], trial: int) -> dict:
+    """What a run of ``stage`` takes from earlier stages: the initial model, copied hparams."""
+    inherited = {}
+    if stage.init_from:
+        choice = _pick(config, locator, *deps["init_from"], test_envs, trial, last=True)
+        model = os.path.join(choice.run.path, "model.pkl")
+        if not os.path.isfile(model):
+            raise Blocked(f"{model} is missing (the run is done but saved no model)")
+        inherited.update(init="domainbed", init_path=model)
+    if stage.hparams_from:
+        choice = _pick(config, locator, *deps["hparams_from"], test_envs, trial, last=False)
+        inherited.update((k, choice.record["hparams"][k]) for k in stage.hparams_from.keys)
+    return inherited
+
+
+def stage_runs(config: SweepConfig, stage: Stage, planned: dict[str, PlannedStage],
+               output_dir: str, data_dir: str, locator: Locator) -> list[RunSpec]:
+    """The runs of ``stage`` (trials x test-env groups x algorithms x grid points x
+    members), with their sweep seeds; the earlier stages they depend on must be done."""
     deps = {}
     for key in ("init_from", "hparams_from"):
-        if key in spec:
-            dep = stages[spec[key]["stage"]]
+        ref = getattr(stage, key)
+        if ref is not None:
+            dep = planned[ref.stage]
             hint = _launch_hint(config, dep.name, output_dir, data_dir)
-            deps[key] = dep, _ready(dep, spec[key]["algorithm"], hint, locator)
-    jobs = []
-    for trial in range(config["trials"]):
-        for test_envs in config["test_envs"]:
-            test_envs = sorted(test_envs)
-            inherited = {}
-            if "init_from" in deps:
-                choice = _pick(config, locator, *deps["init_from"], test_envs, trial, last=True)
-                model = os.path.join(choice.run.path, "model.pkl")
-                if not os.path.isfile(model):
-                    raise Blocked(f"{model} is missing (the run is done but saved no model)")
-                inherited.update(init="domainbed", init_path=model)
-            if "hparams_from" in deps:
-                choice = _pick(config, locator, *deps["hparams_from"], test_envs, trial,
-                               last=False)
-                inherited.update((k, choice.record["hparams"][k])
-                                 for k in spec["hparams_from"]["keys"])
-            for algorithm in spec["algorithms"]:
-                for point in grid_points(spec["grid"]):
-                    hparams = _hparams(config, spec, algorithm, inherited, point)
-                    for member in range(spec["members"]):
-                        args = train_args(config, spec, algorithm, test_envs, trial, hparams,
-                                          data_dir, member)
-                        job = Job(args, folder)
-                        job.command_str = launchers.entry_command(job.command_str)
-                        jobs.append(job)
-    return jobs
+            deps[key] = dep, _ready(dep, ref.algorithm, hint, locator)
+    specs = []
+    for trial in range(config.trials):
+        for test_envs in config.test_envs:
+            inherited = _inherited(config, stage, deps, locator, test_envs, trial)
+            for algorithm in stage.algorithms:
+                hparams = run_hparams(config, stage, algorithm)
+                for point in stage.grid.points():
+                    specs += [RunSpec(algorithm, config.dataset, test_envs,
+                                      {**hparams, **inherited, **point}, trial_seed=trial,
+                                      holdout_fraction=config.holdout_fraction,
+                                      steps=stage.steps, checkpoint_freq=stage.checkpoint_freq,
+                                      eval_from=stage.eval_from, member=member
+                                      ).with_sweep_seeds() for member in range(stage.members)]
+    return specs
 
 
-def plan(config: dict, output_dir: str, data_dir: str,
-         locator: Locator | None = None) -> list[Stage]:
+def job(spec: RunSpec, output_dir: str, data_dir: str) -> Job:
+    """DomainBed's ``Job`` of a run: in the folder of its bit-width, through
+    ``domainbed_gaqat.train``."""
+    planned = Job(spec.train_args(data_dir), os.path.join(output_dir, spec.dataset,
+                                                           spec.bits_name))
+    planned.command_str = launchers.entry_command(planned.command_str)
+    return planned
+
+
+def plan(config: SweepConfig, output_dir: str, data_dir: str,
+         locator: Locator | None = None) -> list[PlannedStage]:
     """Every stage of ``config`` with its DomainBed jobs (or why they are not known yet); the
     earlier stages' runs are found by ``locator`` (default: in the jobs' own folders)."""
     output_dir, data_dir = os.path.abspath(output_dir), os.path.abspath(data_dir)
     locator = locator or Locator()
-    stages: dict[str, Stage] = {}
-    for spec in config["stages"]:
-        stage = Stage(spec, stage_folder(config, spec, output_dir))
+    planned: dict[str, PlannedStage] = {}
+    for stage in config.stages:
+        entry = PlannedStage(stage, stage_folder(config, stage, output_dir))
         try:
-            stage.jobs = _stage_jobs(config, spec, stages, output_dir, data_dir, stage.folder,
-                                     locator)
+            entry.jobs = [job(spec, output_dir, data_dir) for spec in stage_runs(
+                config, stage, planned, output_dir, data_dir, locator)]
         except Blocked as why:
-            stage.blocked = f"stage {stage.name!r} cannot be planned yet: {why}"
-        stages[stage.name] = stage
-    return list(stages.values())
+            entry.blocked = f"stage {stage.name!r} cannot be planned yet: {why}"
+        planned[stage.name] = entry
+    return list(planned.values())
 
 
 # --- command -------------------------------------------------------------------------------
 
 
-def describe(stage: Stage, job: Job) -> str:
+def describe(planned: PlannedStage, job: Job) -> str:
     """DomainBed's job line plus what varies: grid point, copied hparams, initial model."""
-    hparams = json.loads(job.train_args["hparams"])
-    spec = stage.spec
-    keys = list(spec["grid"]) + list(spec.get("hparams_from", {}).get("keys", []))
+    stage = planned.stage
+    hparams = RunSpec.from_train_args(job.train_args).hparams
+    keys = [*stage.grid.axes, *(stage.hparams_from.keys if stage.hparams_from else ())]
     extra = " ".join(f"{k}={hparams[k]}" for k in keys)
-    if "init_from" in spec:
-        extra += f" init={os.path.relpath(hparams['init_path'], os.path.dirname(stage.folder))}"
+    if stage.init_from:
+        extra += f" init={os.path.relpath(hparams['init_path'], os.path.dirname(planned.folder))}"
     return f"{job} {extra}".rstrip()
 
 
-def print_stage(stage: Stage) -> None:
-    spec = stage.spec
-    print(f"== stage {stage.name}: {', '.join(spec['algorithms'])}, {spec['steps']} steps, "
-          f"checkpoint every {spec['checkpoint_freq']}, tables from step {spec['eval_from']}; "
-          f"{stage.folder}")
-    if stage.blocked:
-        print(stage.blocked)
+def print_stage(planned: PlannedStage) -> None:
+    stage = planned.stage
+    print(f"== stage {stage.name}: {', '.join(stage.algorithms)}, {stage.steps} steps, "
+          f"checkpoint every {stage.checkpoint_freq}, tables from step {stage.eval_from}; "
+          f"{planned.folder}")
+    if planned.blocked:
+        print(planned.blocked)
         return
-    for job in stage.jobs:
-        print(describe(stage, job))
-    states = [j.state for j in stage.jobs]
+    for job in planned.jobs:
+        print(describe(planned, job))
+    states = [j.state for j in planned.jobs]
     print(f"{len(states)} jobs: {states.count(Job.DONE)} done, "
           f"{states.count(Job.INCOMPLETE)} incomplete, "
           f"{states.count(Job.NOT_LAUNCHED)} not launched.")
 
 
-def _check_init(stage: Stage) -> None:
+def _check_init(planned: PlannedStage) -> None:
     """The pretrained weights a stage starts from must be there before it is launched."""
-    for job in stage.jobs:
-        hparams = json.loads(job.train_args["hparams"])
+    for job in planned.jobs:
+        hparams = RunSpec.from_train_args(job.train_args).hparams
         if hparams.get("init") == "moco":
             path = hparams["init_path"] or os.environ.get(MOCO_ENV, "")
             if not os.path.isfile(path):
                 raise Blocked(
-                    f"stage {stage.name!r} starts from MoCo-v2 weights (init='moco'), but "
+                    f"stage {planned.name!r} starts from MoCo-v2 weights (init='moco'), but "
                     f"{'init_path' if hparams['init_path'] else '$' + MOCO_ENV}={path!r} is no "
                     f"file: export {MOCO_ENV}=/path/to/moco_v2_800ep_pretrain.pth.tar")
         if hparams.get("init") == "torchvision":
             path = torchvision_path(hparams["resnet18"])
             if not os.path.isfile(path):
-                raise Blocked(f"stage {stage.name!r} starts from torchvision's ImageNet weights "
-                              f"(init='torchvision'), but {path} is no file: download it there "
-                              "(torch hub cache; $TORCH_HOME moves it)")
+                raise Blocked(f"stage {planned.name!r} starts from torchvision's ImageNet "
+                              f"weights (init='torchvision'), but {path} is no file: download "
+                              "it there (torch hub cache; $TORCH_HOME moves it)")
 
 
-def _launcher(name: str | Callable, config: dict, spec: dict):
+def _launcher(name: str | Callable, stage: Stage):
     if callable(name):  # a launcher function itself (the demo's)
         return name
     if name == "submitit":
-        return functools.partial(launchers.submitit_launcher,
-                                 config={**config["slurm"], **spec["slurm"]})
+        return functools.partial(launchers.submitit_launcher, settings=stage.slurm)
     return command_launchers.REGISTRY[name]
 
 
-def run_config(command: str, config: dict, output_dir: str, data_dir: str,
+def run_config(command: str, config: SweepConfig, output_dir: str, data_dir: str,
                stage: str | None = None, launcher: str | Callable | None = None,
                confirm: bool = True) -> int:
     """Run ``list``, ``launch`` or ``delete_incomplete`` on the stages (all, in order, or one);
     returns the exit status. A stage waiting for an earlier one stops ``launch`` with 2."""
-    names = [s["name"] for s in config["stages"]]
-    if stage is not None and stage not in names:
-        raise ConfigError(f"--stage {stage!r}: expected one of {names} of {config['path']}")
-    for name in [stage] if stage else names:
+    names = [config.stage(stage).name] if stage else [s.name for s in config.stages]
+    for name in names:
         planned = next(s for s in plan(config, output_dir, data_dir) if s.name == name)
         print_stage(planned)
         if command == "list":
@@ -285,7 +278,7 @@ def run_config(command: str, config: dict, output_dir: str, data_dir: str,
         if to_launch:
             if confirm:
                 ask_for_confirmation()
-            Job.launch(to_launch, _launcher(launcher, config, planned.spec))
+            Job.launch(to_launch, _launcher(launcher, planned.stage))
     return 0
 
 

@@ -6,17 +6,16 @@
         [--plots DIR [--overwrite]]   # and the curves behind each cell (experiments/plots.py)
 
 Rows: algorithm and W/A bit-width ("Full" for full precision), optionally split by hparams
-(Tables 5 and 6); a run trained with SWAD adds its averaged model as the row
-``<algorithm> (SWAD)`` (from the ``swad_`` accuracies of its last record). Columns: the test
-domains, each "val/test", and Avg. A cell is the mean +- standard error over trials of the
-chosen checkpoint's accuracies (in %, DomainBed's convention: population std / sqrt(n)); the
-choice is made per (row, test-env group, trial) by :mod:`domainbed_gaqat.selection`; "val" is
-the mean training-domain validation accuracy and "test" the test-domain accuracy at that
-checkpoint (both domains of a DomainNet group share the group's run, so their val is the
-same, as in the paper's Table 3). Avg: per trial the
-mean over the domain columns, then mean +- standard error over the trials that have them all.
-Only finished runs count; unfinished ones, unreadable lines and jobs not launched are listed
-on stderr.
+(Tables 5 and 6); a run trained with SWAD adds its averaged model as the row ``<algorithm>
+(SWAD)`` (from the ``swad_`` accuracies of its last record). Columns: the test domains, each
+"val/test", and Avg. A cell is the mean +- standard error over trials of the chosen checkpoint's
+accuracies (in %, DomainBed's convention: population std / sqrt(n)); the choice is made per
+(row, test-env group, trial) by :mod:`domainbed_gaqat.experiments.selection`; "val" is the mean
+training-domain validation accuracy and "test" the test-domain accuracy at that checkpoint (both
+domains of a DomainNet group share the group's run, so their val is the same, as in the paper's
+Table 3). Avg: per trial the mean over the domain columns, then mean +- standard error over the
+trials that have them all. Only finished runs count; unfinished ones, unreadable lines and jobs
+not launched are listed on stderr.
 """
 
 import json
@@ -31,26 +30,27 @@ from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.experiments.configs import load_config
 from domainbed_gaqat.experiments.plots import paths as plot_paths
 from domainbed_gaqat.experiments.plots import write_plots
-from domainbed_gaqat.experiments.results import Locator, Run, find_runs
-from domainbed_gaqat.experiments.selection import RULES, choose
+from domainbed_gaqat.experiments.results import Locator, RunFolder, find_runs
+from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
 from domainbed_gaqat.experiments.sweep import plan
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
 FORMATS = ("markdown", "latex", "csv")
 
 
-def row_of(run: Run, split_by: list[str]) -> tuple:
+def row_of(run: RunFolder, split_by: list[str]) -> tuple:
     """``(algorithm, "W/A" or "Full", split values...)`` of a run (``W/FP``: weights only)."""
-    hparams = run.hparams
-    bits = (f"{hparams['w_bits']}/{hparams.get('a_bits', 'FP')}" if "w_bits" in hparams
-            else "Full")
-    return (run.args["algorithm"], bits, *(hparams.get(k, "-") for k in split_by))
+    spec = run.spec
+    bits = spec.quantized_bits
+    label = "Full" if bits is None else "/".join(map(str, bits)) + ("/FP" if len(bits) == 1
+                                                                     else "")
+    return (spec.algorithm, label, *(spec.hparams.get(k, "-") for k in split_by))
 
 
 SWAD_PREFIX, SWAD_ROW = "swad_", " (SWAD)"
 
 
-def swad_run(run: Run) -> Run | None:
+def swad_run(run: RunFolder) -> RunFolder | None:
     """A run's SWAD model as a run of its own (None where it has none): one record, its last
     record with the ``swad_env{i}_{in,out}_acc`` accuracies (the averaged model's, which
     ``gaqat train`` adds to the last record) as ``env{i}_*_acc``, and the algorithm
@@ -67,35 +67,36 @@ def swad_run(run: Run) -> Run | None:
     plain = {k: v for k, v in last.items()
              if not (k.startswith("env") and k.endswith("_acc")) and not k.startswith(SWAD_PREFIX)}
     args = {**last["args"], "algorithm": last["args"]["algorithm"] + SWAD_ROW}
-    return Run(run.path + SWAD_ROW, [{**plain, **swad, "args": args}], run.done)
+    return RunFolder(run.path + SWAD_ROW, [{**plain, **swad, "args": args}], run.done)
 
 
-def with_swad(entries: list[tuple[Run, int]]) -> list[tuple[Run, int]]:
+def with_swad(entries: list[tuple[RunFolder, int]]) -> list[tuple[RunFolder, int]]:
     """``entries`` and their runs' SWAD models (:func:`swad_run`; every step counts)."""
     return [*entries, *((model, 0) for model in map(swad_run, (run for run, _ in entries))
                         if model)]
 
 
-def repetitions(candidates: list[tuple[Run, int]]) -> list[list[tuple[Run, int]]]:
+def repetitions(candidates: list[tuple[RunFolder, int]]) -> list[list[tuple[RunFolder, int]]]:
     """A cell's candidates as repetitions: ensemble members (runs recorded with ``--member``,
     a sweep stage's ``members``) are repetitions of the cell, the m-th holding every grid
     point's member m. Runs with equal hparams but no member index (a random search drew a
     point twice) stay alternatives of one choice."""
     by_member: dict[int, list] = defaultdict(list)
     for run, eval_from in candidates:
-        by_member[run.args.get("member", 0)].append((run, eval_from))
+        by_member[run.spec.member].append((run, eval_from))
     return [by_member[m] for m in sorted(by_member)]
 
 
-def select_cells(entries: list[tuple[Run, int]], rule: str, split_by: list[str]) -> list[dict]:
+def select_cells(entries: list[tuple[RunFolder, int]], rule: str,
+                 split_by: list[str]) -> list[dict]:
     """One chosen checkpoint per (dataset, row, test envs, trial) among finished runs; a run
     with a SWAD model (:func:`swad_run`) adds it to the ``<algorithm> (SWAD)`` row."""
     groups = defaultdict(list)
     for run, eval_from in with_swad(entries):
         if run.done and run.records:
-            args = run.args
-            key = (args["dataset"], row_of(run, split_by), tuple(sorted(args["test_envs"])),
-                   args["trial_seed"])
+            spec = run.spec
+            key = (spec.dataset, row_of(run, split_by), tuple(sorted(spec.test_envs)),
+                   spec.trial_seed)
             groups[key].append((run, eval_from))
     cells = []
     for (dataset, row, test_envs, trial), candidates in groups.items():
@@ -194,7 +195,7 @@ def render(table: pd.DataFrame, split_by: list[str], fmt: str, rule: str) -> str
                             columns=domains).fillna("-")
         header = ["Algorithm", "W/A", *split_by, *(f"{d} (val/test)" for d in domains)]
         rows = [[*map(str, index), *values] for index, values in zip(wide.index, wide.values)]
-        title = f"{dataset}, model selection: {RULES[rule]}"
+        title = f"{dataset}, model selection: {SELECTION_RULES[rule].description}"
         if fmt == "markdown":
             out += [f"### {title}", "", "| " + " | ".join(header) + " |",
                     "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows), ""]
@@ -208,7 +209,7 @@ def render(table: pd.DataFrame, split_by: list[str], fmt: str, rule: str) -> str
 
 
 def config_entries(names: list[str], output_dir: str, data_dir: str | None,
-                   notes: list[str]) -> tuple[list[tuple[Run, int]], list[str], list[str]]:
+                   notes: list[str]) -> tuple[list[tuple[RunFolder, int]], list[str], list[str]]:
     """The runs under ``output_dir`` that the configs' planned jobs are (found by what they
     recorded, wherever the tree was moved: :class:`~.results.Locator`), each with its stage's
     ``eval_from``; the configs' ``split_by`` and selection rules. Jobs not found, and stages
@@ -219,23 +220,24 @@ def config_entries(names: list[str], output_dir: str, data_dir: str | None,
     entries, split_by, rules, seen = [], [], [], set()
     for name in names:
         config = load_config(name)
-        rules.append(config["selection"])
-        split_by += [k for k in config["table"].get("split_by", []) if k not in split_by]
-        shown = config["table"].get("algorithms")
-        for stage in plan(config, output_dir, data_dir or output_dir, locator):
-            if stage.blocked:
-                notes.append(f"{config['name']}: {stage.blocked}")
-            jobs = [j for j in stage.jobs if shown is None or j.train_args["algorithm"] in shown]
-            runs = [locator.run(j) for j in jobs]
+        rules.append(config.selection)
+        split_by += [k for k in config.table.split_by if k not in split_by]
+        shown = config.table.algorithms
+        for planned in plan(config, output_dir, data_dir or output_dir, locator):
+            if planned.blocked:
+                notes.append(f"{config.name}: {planned.blocked}")
+            jobs = [j for j in planned.jobs
+                    if shown is None or j.train_args["algorithm"] in shown]
+            runs = [locator.find(j) for j in jobs]
             missing = sum(run is None for run in runs)
             if missing:
-                notes.append(f"{config['name']}: stage {stage.name!r}: {missing} of {len(jobs)} "
+                notes.append(f"{config.name}: stage {planned.name!r}: {missing} of {len(jobs)} "
                              f"jobs have no run under {output_dir} (not launched, or not copied "
                              f"there)")
             for run in runs:
                 if run is not None and run.path not in seen:
                     seen.add(run.path)
-                    entries.append((run, stage.spec["eval_from"]))
+                    entries.append((run, planned.stage.eval_from))
     return entries, split_by, rules
 
 
@@ -247,7 +249,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input_dir", nargs="+", help="instead of configs: run folders")
     parser.add_argument("--eval_from", type=int, default=0,
                         help="with --input_dir: ignore checkpoints before this step")
-    parser.add_argument("--selection", choices=sorted(RULES),
+    parser.add_argument("--selection", choices=sorted(SELECTION_RULES),
                         help="default: the configs' rule, else 'test'")
     parser.add_argument("--split_by", nargs="+", help="hparams that split rows (Tables 5, 6)")
     parser.add_argument("--format", choices=FORMATS, default="markdown")
@@ -264,7 +266,7 @@ def run(args) -> int:
                         args.ensembles, args.plots, args.overwrite)
 
 
-def ensemble_entries(paths: list[str]) -> list[tuple[Run, int]]:
+def ensemble_entries(paths: list[str]) -> list[tuple[RunFolder, int]]:
     """``gaqat ensemble`` records as one-checkpoint finished runs."""
     entries = []
     for path in paths:
@@ -276,7 +278,7 @@ def ensemble_entries(paths: list[str]) -> list[tuple[Run, int]]:
                              ) from None
         if not isinstance(record, dict) or "members" not in record:
             raise ValueError(f"--ensembles {path!r}: not a record of gaqat ensemble")
-        entries.append((Run(path, [record], True), 0))
+        entries.append((RunFolder(path, [record], True), 0))
     return entries
 
 

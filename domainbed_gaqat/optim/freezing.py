@@ -8,7 +8,8 @@ steps. A frozen scale is updated by ``g_smooth`` only. All state is in buffers, 
 ``state_dict`` round-trip resumes the schedule exactly; the step is pure tensor work, without a
 host sync. The state is made on the device it is asked for; the flip counter is an integer
 (a bf16 one would stop at 256: with K = 3000 every scale would freeze) and the floating-point
-state stays float32 when a model is cast to 16 bits (:class:`~.precision.Float32State`).
+state stays float32 when a model is cast to 16 bits
+(:class:`~domainbed_gaqat.quant.precision.Float32State`).
 """
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from domainbed_gaqat.quant.precision import Float32State
 
-RULES = ("gaqat", "reverse", "no_unfreeze")
+FREEZE_RULES = ("gaqat", "reverse", "no_unfreeze")
 
 
 def freeze_decision(disorder: torch.Tensor, frozen: torch.Tensor, r: float,
@@ -30,7 +31,7 @@ def freeze_decision(disorder: torch.Tensor, frozen: torch.Tensor, r: float,
         return disorder >= r
     if rule == "no_unfreeze":
         return frozen | (disorder < r)
-    raise ValueError(f"freeze rule {rule!r}: expected one of {RULES}")
+    raise ValueError(f"freeze rule {rule!r}: expected one of {FREEZE_RULES}")
 
 
 class DisorderTracker(Float32State):
@@ -74,8 +75,8 @@ class ScaleFreezer(nn.Module):
     def __init__(self, n: int, K: int, r: float, rule: str = "gaqat",
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        if rule not in RULES:
-            raise ValueError(f"freeze rule {rule!r}: expected one of {RULES}")
+        if rule not in FREEZE_RULES:
+            raise ValueError(f"freeze rule {rule!r}: expected one of {FREEZE_RULES}")
         self.r, self.rule = r, rule
         self.tracker = DisorderTracker(n, K, device)
         self.register_buffer("frozen", torch.zeros(n, dtype=torch.bool, device=device))

@@ -21,10 +21,10 @@ from domainbed_gaqat.optim.freezing import ScaleFreezer
 from domainbed_gaqat.optim.sagm import sagm_step
 from domainbed_gaqat.optim.saq import saq_step
 from domainbed_gaqat.optim.swad import SWAD
-from domainbed_gaqat.plugin.checkpoints import initialize
 from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
 from domainbed_gaqat.plugin.hooks import require_loop
 from domainbed_gaqat.plugin.hparams import validate
+from domainbed_gaqat.plugin.initial_weights import initialize
 from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm, specs
 from domainbed_gaqat.quant.modules import (
     QuantConv2d,

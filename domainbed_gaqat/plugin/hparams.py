@@ -3,25 +3,35 @@
 Each algorithm reads DomainBed's ``data_augmentation`` and ``class_balanced`` (its datasets and
 train script use them) and the parameters of its families (see the registry). In DomainBed's
 ``(default, random)`` form every random draw uses DomainBed's scheme,
-``RandomState(seed_hash(seed, name))``; values are plain Python types. GAQAT's ``gaqat_r`` and
-``gaqat_K`` depend on the bit-width (the paper's grids per dataset and W/A bits): the hparams
-that ``default_hparams`` / ``random_hparams`` return re-draw them, with the same seed, when an
-update sets ``w_bits`` or ``a_bits`` without setting them (train.py applies ``--hparams`` after
-the draw). :func:`validate` rejects unknown keys and out-of-range values when an algorithm is
-built.
+``RandomState(seed_hash(seed, name))``; values are plain Python types. :func:`validate`
+rejects unknown keys and out-of-range values when an algorithm is built.
+
+GAQAT's ``gaqat_r`` and ``gaqat_K`` depend on the bit-width (the paper's grids per dataset and
+W/A bits), so a run's hparams are drawn *for its bits*, in one step, :func:`train_hparams`:
+the bits of the run's ``--hparams`` overrides pick the grid, the registry draws from it, then
+the overrides apply. ``gaqat train`` and ``gaqat sweep`` call it. DomainBed's own ``train.py``
+draws first and applies ``--hparams`` after, through the registry function the plugin adds,
+:func:`registry_pairs`; it reads the bits from that ``--hparams`` on the command line of the
+running ``domainbed.scripts.train`` (:func:`domainbed_train_overrides`), the only place they
+exist when it draws. Elsewhere the registry draws for the default 4 bits.
+
+>>> train_hparams("GAQAT", "PACS")["gaqat_K"], train_hparams("GAQAT", "PACS", overrides={
+...     "w_bits": 3, "a_bits": 3})["gaqat_K"]
+(350, 150)
 """
 
+import argparse
 import difflib
 import json
 import math
-from collections import OrderedDict
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from domainbed_gaqat.plugin.checkpoints import INIT_CHOICES, algorithm_class
-from domainbed_gaqat.plugin.registry import AlgorithmSpec
+from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm_class, plugin_spec
 from domainbed_gaqat.quant.config import GRAD_SCALE_COUNTS, RANGE_INITS
 
 # The paper's grids (sec. 4.1), default first: lr for every plugin algorithm on PACS and
@@ -39,6 +49,8 @@ GAQAT_GRIDS: dict[tuple[str, int], dict[str, tuple]] = {
 DOMAINBED_KEYS = ("data_augmentation", "class_balanced")
 BIT_KEYS = ("w_bits", "a_bits")
 SMALL = ("RotatedDigits", "Debug28", "Debug224", "RotatedMNIST", "ColoredMNIST")
+INIT_CHOICES = ("none", "torchvision", "moco", "domainbed")
+TRAIN_SCRIPT = "domainbed.scripts.train"
 
 
 # --- checks: each returns None, or what was expected --------------------------------------
@@ -181,98 +193,65 @@ def paper_grid(spec: AlgorithmSpec, dataset: str, bits: int, name: str) -> list:
     return sorted(param.choices)
 
 
-def _bits(hparams: dict) -> int:
-    return min(hparams.get(k, 4) for k in BIT_KEYS if k in hparams) if any(
-        k in hparams for k in BIT_KEYS) else 4
+def bits_of(hparams: Mapping[str, object]) -> int:
+    """The bit-width that picks GAQAT's grid: the smaller of ``w_bits`` / ``a_bits`` given
+    (the other one's default 4), or 4 when neither is."""
+    return min(hparams.get(k, 4) for k in BIT_KEYS)
 
 
 def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _draws(spec: AlgorithmSpec, dataset: str, seed: int | None, bits: int,
-           names: list[str] | None = None) -> dict[str, object]:
-    """Defaults (``seed`` None) or DomainBed-style random draws of the plugin's parameters."""
+def draw(spec: AlgorithmSpec, dataset: str, seed: int | None, bits: int = 4) -> dict[str, object]:
+    """A plugin algorithm's hparams for ``bits``: DomainBed's ``data_augmentation`` and
+    ``class_balanced``, then its parameters, as defaults (``seed`` None) or DomainBed-style
+    random draws with ``seed``."""
+    from domainbed import hparams_registry
     from domainbed.lib import misc
 
-    out = {}
+    base = hparams_registry._hparams("ERM", dataset, 0 if seed is None else seed)
+    out = {k: base[k][0 if seed is None else 1] for k in DOMAINBED_KEYS}
     for name, param in params(spec, dataset, bits).items():
-        if names is None or name in names:
-            value = param.default if seed is None else param.draw(
-                np.random.RandomState(misc.seed_hash(seed, name)))
-            out[name] = _plain(value)
+        value = param.default if seed is None else param.draw(
+            np.random.RandomState(misc.seed_hash(seed, name)))
+        out[name] = _plain(value)
     return out
 
 
-BIT_DEPENDENT = ("gaqat_r", "gaqat_K")
+def domainbed_train_overrides(argv: list[str] | None = None,
+                              main: object = None) -> dict[str, object]:
+    """The ``--hparams`` JSON of DomainBed's ``train.py`` when it is the running script
+    (``main``: the ``__main__`` module, ``argv``: its arguments; default: this process's),
+    else ``{}``; ``{}`` too where it is not a JSON object (train.py reports that itself)."""
+    main = sys.modules.get("__main__") if main is None else main
+    script = getattr(getattr(main, "__spec__", None), "name", None) or os.path.splitext(
+        os.path.abspath(getattr(main, "__file__", None) or "-"))[0].replace(os.sep, ".")
+    if not (script == TRAIN_SCRIPT or script.endswith("." + TRAIN_SCRIPT)):
+        return {}
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--hparams")
+    text = parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0].hparams
+    try:
+        overrides = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return overrides if isinstance(overrides, dict) else {}
 
 
-class Hparams(dict):
-    """A plugin algorithm's hparams: setting ``w_bits`` / ``a_bits`` re-draws GAQAT's
-    bit-dependent ``gaqat_r`` / ``gaqat_K`` (same seed) unless they were ever set explicitly.
-    Pickles and copies as an ``OrderedDict`` (which ``torch.load(weights_only=True)`` reads:
-    train.py saves the hparams in ``model.pkl``)."""
-
-    def __init__(self, values: dict, spec: AlgorithmSpec, dataset: str,
-                 seed: int | None) -> None:
-        super().__init__(values)
-        self._origin = spec, dataset, seed
-        self._explicit: set[str] = set()
-
-    def __setitem__(self, key, value) -> None:
-        self.update({key: value})
-
-    def update(self, other=(), **more) -> None:
-        other = dict(other, **more)
-        super().update(other)
-        self._explicit.update(other)
-        if set(BIT_KEYS) & set(other):
-            dependent = [k for k in BIT_DEPENDENT if k in self and k not in self._explicit]
-            super().update(_draws(*self._origin, _bits(self), dependent))
-
-    def __reduce__(self):
-        return OrderedDict, (), None, None, iter(self.items())
-
-
-def wrap_registry(default_hparams: Callable, random_hparams: Callable, inner: Callable,
-                  lookup: Callable[[str], AlgorithmSpec | None]
-                  ) -> tuple[Callable, Callable, Callable]:
-    """Wrap DomainBed's ``hparams_registry`` functions so they also know the plugin's algorithms
-    (``lookup(name)``: a plugin algorithm's spec, else None): ``_hparams`` (the ``(default,
-    random)`` pairs) and ``default_hparams`` / ``random_hparams`` (which return
-    :class:`Hparams`)."""
-
-    def base(dataset: str, seed: int) -> dict:
-        values = inner("ERM", dataset, seed)
-        return {k: v for k, v in values.items() if k in DOMAINBED_KEYS}
-
-    def _hparams(algorithm, dataset, random_seed):
-        spec = lookup(algorithm)
-        if spec is None:
-            return inner(algorithm, dataset, random_seed)
-        defaults = _draws(spec, dataset, None, 4)
-        drawn = _draws(spec, dataset, random_seed, 4)
-        return {**base(dataset, random_seed), **{k: (defaults[k], drawn[k]) for k in defaults}}
-
-    def default(algorithm, dataset):
-        spec = lookup(algorithm)
-        if spec is None:
-            return default_hparams(algorithm, dataset)
-        values = {k: d for k, (d, _) in base(dataset, 0).items()}
-        return Hparams({**values, **_draws(spec, dataset, None, 4)}, spec, dataset, None)
-
-    def random(algorithm, dataset, seed):
-        spec = lookup(algorithm)
-        if spec is None:
-            return random_hparams(algorithm, dataset, seed)
-        values = {k: r for k, (_, r) in base(dataset, seed).items()}
-        return Hparams({**values, **_draws(spec, dataset, seed, 4)}, spec, dataset, seed)
-
-    for fn, original in ((_hparams, inner), (default, default_hparams),
-                         (random, random_hparams)):
-        fn._gaqat = True
-        fn.__wrapped__ = original
-    return default, random, _hparams
+def registry_pairs(inner: Callable, lookup: Callable[[str], AlgorithmSpec | None],
+                   algorithm: str, dataset: str, random_seed: int) -> dict[str, tuple]:
+    """DomainBed's ``hparams_registry._hparams`` (``{name: (default, random)}``) knowing the
+    plugin's algorithms (``lookup(name)``: a plugin algorithm's spec, else None; ``inner``:
+    DomainBed's own function). The plugin installs it as
+    ``functools.partial(registry_pairs, inner, lookup)``; DomainBed's ``default_hparams`` and
+    ``random_hparams`` read it. The bits are those of :func:`domainbed_train_overrides`."""
+    spec = lookup(algorithm)
+    if spec is None:
+        return inner(algorithm, dataset, random_seed)
+    bits = bits_of(domainbed_train_overrides())
+    defaults, drawn = draw(spec, dataset, None, bits), draw(spec, dataset, random_seed, bits)
+    return {k: (defaults[k], drawn[k]) for k in defaults}
 
 
 def validate(spec: AlgorithmSpec, hparams: dict) -> None:
@@ -300,25 +279,29 @@ def validate(spec: AlgorithmSpec, hparams: dict) -> None:
 
 
 def train_hparams(algorithm: str, dataset: str, hparams_seed: int = 0, trial_seed: int = 0,
-                  overrides: str | dict | None = None) -> dict:
-    """Hyperparameters chosen as train.py does (default for seed 0, else random) + overrides
-    (a dict or train.py's ``--hparams`` JSON)."""
+                  overrides: str | Mapping | None = None) -> dict:
+    """A run's hparams, chosen as DomainBed's train.py does, in one step: the registry's
+    default (``hparams_seed`` 0) or random draw (seed ``seed_hash(hparams_seed,
+    trial_seed)``) *for the bits of the overrides* (GAQAT's grid), then the overrides (a dict
+    or train.py's ``--hparams`` JSON)."""
     from domainbed import hparams_registry
     from domainbed.lib import misc
 
     algorithm_class(algorithm)
-    if hparams_seed == 0:
-        hparams = hparams_registry.default_hparams(algorithm, dataset)
-    else:
-        hparams = hparams_registry.random_hparams(algorithm, dataset,
-                                                  misc.seed_hash(hparams_seed, trial_seed))
     if isinstance(overrides, str) and overrides:
         try:
             overrides = json.loads(overrides)
         except json.JSONDecodeError as err:
             raise ValueError(f"--hparams {overrides!r} is not a JSON object ({err})") from err
-    if overrides:
-        if not isinstance(overrides, dict):
-            raise ValueError(f"hparams overrides must be a JSON object, got {overrides!r}")
-        hparams.update(overrides)
-    return hparams
+    if overrides and not isinstance(overrides, Mapping):
+        raise ValueError(f"hparams overrides must be a JSON object, got {overrides!r}")
+    overrides = dict(overrides or {})
+    seed = None if hparams_seed == 0 else misc.seed_hash(hparams_seed, trial_seed)
+    spec = plugin_spec(algorithm)
+    if spec is not None:
+        hparams = draw(spec, dataset, seed, bits_of(overrides))
+    elif seed is None:
+        hparams = hparams_registry.default_hparams(algorithm, dataset)
+    else:
+        hparams = hparams_registry.random_hparams(algorithm, dataset, seed)
+    return {**hparams, **overrides}

@@ -13,25 +13,26 @@ resource, the request and the largest node, instead of pending forever. With ``w
 launcher reports the jobs' states as they change, up to ``wait_max_min`` minutes, and then
 names every job that did not complete, with its state and log.
 
-Settings come from the defaults below, then a sweep config's ``slurm`` sections (``gaqat
-sweep`` only), then the environment, which wins:
+Settings (:class:`SlurmSettings`) come from the defaults below, then a sweep config's ``slurm``
+sections (``gaqat sweep`` only), then the environment, which wins. The variables are
+``DOMAINBED_GAQAT_SUBMITIT_<SETTING>`` (the first spelling, ``GAQAT_SUBMITIT_<SETTING>``, is still
+read, with a deprecation warning, for one release):
 
-===================  ==================================  ==========================================
-setting              environment variable                default
-===================  ==================================  ==========================================
-cluster              GAQAT_SUBMITIT_CLUSTER              auto: ``slurm`` if sbatch exists, else
-                                                         ``local`` (``debug``: in-process)
-folder               GAQAT_SUBMITIT_FOLDER               ``submitit_logs`` (logs, pickled jobs)
-partition            GAQAT_SUBMITIT_PARTITION            the cluster's default partition
-time_min             GAQAT_SUBMITIT_TIME_MIN             ``1440``: time limit per job
-gpus                 GAQAT_SUBMITIT_GPUS                 ``1`` per job
-cpus                 GAQAT_SUBMITIT_CPUS                 ``8`` per job
-mem_gb               GAQAT_SUBMITIT_MEM_GB               ``32`` per job
-array_parallelism    GAQAT_SUBMITIT_ARRAY_PARALLELISM    ``64`` jobs of the array at once
-signal_delay_s       GAQAT_SUBMITIT_SIGNAL_DELAY_S       ``90``: SIGUSR2 this long before the limit
-wait                 GAQAT_SUBMITIT_WAIT                 ``0``; ``1``: return when all jobs ended
-wait_max_min         GAQAT_SUBMITIT_WAIT_MAX_MIN         ``0``: the time limit x array rounds + 60
-===================  ==================================  ==========================================
+===================  ==========================================================================
+setting              default
+===================  ==========================================================================
+cluster              auto: ``slurm`` if sbatch exists, else ``local`` (``debug``: in-process)
+folder               ``submitit_logs`` (logs, pickled jobs)
+partition            the cluster's default partition
+time_min             ``1440``: time limit per job
+gpus                 ``1`` per job
+cpus                 ``8`` per job
+mem_gb               ``32`` per job
+array_parallelism    ``64`` jobs of the array at once
+signal_delay_s       ``90``: SIGUSR2 this long before the limit
+wait                 ``0``; ``1``: return when all jobs ended
+wait_max_min         ``0``: the time limit x array rounds + 60
+===================  ==========================================================================
 
 submitit's local executor starts every job at once, on the same GPUs: it is for tests; on one
 machine use DomainBed's ``local`` or ``multi_gpu`` launchers.
@@ -46,58 +47,96 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 
 CLUSTERS = ("slurm", "local", "debug")
-# name: (environment variable, default, type)
-SETTINGS: dict[str, tuple[str, object, type]] = {
-    "cluster": ("GAQAT_SUBMITIT_CLUSTER", None, str),
-    "folder": ("GAQAT_SUBMITIT_FOLDER", "submitit_logs", str),
-    "partition": ("GAQAT_SUBMITIT_PARTITION", None, str),
-    "time_min": ("GAQAT_SUBMITIT_TIME_MIN", 1440, int),
-    "gpus": ("GAQAT_SUBMITIT_GPUS", 1, int),
-    "cpus": ("GAQAT_SUBMITIT_CPUS", 8, int),
-    "mem_gb": ("GAQAT_SUBMITIT_MEM_GB", 32, int),
-    "array_parallelism": ("GAQAT_SUBMITIT_ARRAY_PARALLELISM", 64, int),
-    "signal_delay_s": ("GAQAT_SUBMITIT_SIGNAL_DELAY_S", 90, int),
-    "wait": ("GAQAT_SUBMITIT_WAIT", False, bool),
-    "wait_max_min": ("GAQAT_SUBMITIT_WAIT_MAX_MIN", 0, int),
-}
+ENV_PREFIX = "DOMAINBED_GAQAT_SUBMITIT_"
+OLD_ENV_PREFIX = "GAQAT_SUBMITIT_"  # read until the next release, with a deprecation warning
 POLL_S = 5
 SETTLE_S = 120  # at most this long for the accounting to catch up with finished jobs
 ENTRY = "domainbed_gaqat.train"
+EXPECTED = {int: "an integer >= 0", str: "a string", bool: "true or false"}
 
 
-def _from_env(name: str, kind: type, text: str) -> object:
+@dataclass(frozen=True)
+class SlurmSettings:
+    """The launcher's settings (the module docstring's table); checked when made.
+
+    >>> SlurmSettings().updated({"time_min": 90}).time_min
+    90
+    >>> SlurmSettings(cpus="8")
+    Traceback (most recent call last):
+    ...
+    ValueError: slurm setting cpus='8': expected an integer >= 0
+    """
+
+    cluster: str | None = None
+    folder: str = "submitit_logs"
+    partition: str | None = None
+    time_min: int = 1440
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 32
+    array_parallelism: int = 64
+    signal_delay_s: int = 90
+    wait: bool = False
+    wait_max_min: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            kind = _kind(f)
+            value = getattr(self, f.name)
+            if value is not None and (type(value) is not kind or (kind is int and value < 0)):
+                raise ValueError(f"slurm setting {f.name}={value!r}: expected {EXPECTED[kind]}")
+        if self.cluster not in (None, *CLUSTERS):
+            raise ValueError(f"cluster {self.cluster!r}: expected one of {CLUSTERS}")
+
+    def updated(self, section: Mapping[str, object]) -> "SlurmSettings":
+        """These settings with a sweep config's ``slurm`` section on top."""
+        if not isinstance(section, Mapping):
+            raise ValueError(f"slurm settings {section!r}: expected a dict")
+        names = [f.name for f in fields(self)]
+        unknown = set(section) - set(names)
+        if unknown:
+            raise ValueError(f"slurm settings {sorted(unknown)}: expected some of {sorted(names)}")
+        return replace(self, **section)
+
+    def with_environment(self) -> "SlurmSettings":
+        """These settings with the environment's ``DOMAINBED_GAQAT_SUBMITIT_*`` on top."""
+        given = {}
+        for f in fields(self):
+            variable, text = _from_env(f.name.upper())
+            if text:
+                given[f.name] = _parse(variable, _kind(f), text)
+        return replace(self, **given)
+
+
+def _kind(f) -> type:
+    return str if f.type == str | None else f.type
+
+
+def _from_env(name: str) -> tuple[str, str]:
+    """``(variable, value)`` of a setting in the environment: the new name's, else the old
+    one's (with a deprecation warning), else ``(new name, "")``."""
+    new, old = ENV_PREFIX + name, OLD_ENV_PREFIX + name
+    if os.environ.get(new) or not os.environ.get(old):
+        return new, os.environ.get(new, "")
+    warnings.warn(f"${old} is deprecated: use ${new} (the old name is read until the next "
+                  "release)", FutureWarning, stacklevel=3)
+    return old, os.environ[old]
+
+
+def _parse(variable: str, kind: type, text: str) -> object:
     if kind is str:
         return text
     pattern = r"[01]" if kind is bool else r"\d+"
     if not re.fullmatch(pattern, text.strip()):
         expected = "0 or 1" if kind is bool else "a non-negative integer"
-        raise ValueError(f"${name}={text!r}: expected {expected}")
+        raise ValueError(f"${variable}={text!r}: expected {expected}")
     return kind(int(text))
-
-
-def settings(config: dict | None = None) -> dict:
-    """Launcher settings: defaults, then ``config`` (a sweep's ``slurm`` section), then env."""
-    config = {} if config is None else config
-    if not isinstance(config, dict):
-        raise ValueError(f"slurm settings {config!r}: expected a dict")
-    unknown = set(config) - set(SETTINGS)
-    if unknown:
-        raise ValueError(f"slurm settings {sorted(unknown)}: expected some of {sorted(SETTINGS)}")
-    result = {}
-    for name, (variable, default, kind) in SETTINGS.items():
-        value = config.get(name, default)
-        if value is not None and (type(value) is not kind or (kind is int and value < 0)):
-            expected = {int: "an integer >= 0", str: "a string", bool: "true or false"}[kind]
-            raise ValueError(f"slurm setting {name}={value!r}: expected {expected}")
-        if os.environ.get(variable):
-            value = _from_env(variable, kind, os.environ[variable])
-        result[name] = value
-    if result["cluster"] not in (None, *CLUSTERS):
-        raise ValueError(f"cluster {result['cluster']!r}: expected one of {CLUSTERS}")
-    return result
 
 
 def entry_command(command: str) -> str:
@@ -171,44 +210,46 @@ def cluster_nodes() -> list[dict]:
     return nodes
 
 
-def check_request(s: dict, nodes: list[dict]) -> None:
+def check_request(request: SlurmSettings, nodes: list[dict]) -> None:
     """Refuse a request no node can satisfy (see the module docstring)."""
     partitions = sorted({n["partition"] for n in nodes})
-    partition = s["partition"] or next((n["partition"] for n in nodes if n["default"]), None)
+    partition = request.partition or next((n["partition"] for n in nodes if n["default"]),
+                                          None)
     if partition not in partitions:
-        raise ValueError(f"submitit: partition {s['partition'] or '(default)'!r} is not one of "
-                         f"the cluster's {partitions}")
+        raise ValueError(f"submitit: partition {request.partition or '(default)'!r} is not one "
+                         f"of the cluster's {partitions}")
     candidates = [n for n in nodes if n["partition"] == partition]
-    for resource, wanted, have, unit in (("CPUs", s["cpus"], "cpus", ""),
-                                         ("memory", s["mem_gb"] * 1024, "mem_mb", " MB"),
-                                         ("GPUs", s["gpus"], "gpus", "")):
+    for resource, wanted, have, unit in (("CPUs", request.cpus, "cpus", ""),
+                                         ("memory", request.mem_gb * 1024, "mem_mb", " MB"),
+                                         ("GPUs", request.gpus, "gpus", "")):
         largest = max(candidates, key=lambda n: n[have])
         if wanted > largest[have]:
             raise ValueError(
                 f"submitit: no node of partition {partition!r} has the {resource} asked for: "
                 f"{wanted}{unit} requested per job, the largest node ({largest['name']}) has "
-                f"{largest[have]}{unit}; lower the setting (GAQAT_SUBMITIT_*, or the config's "
+                f"{largest[have]}{unit}; lower the setting ({ENV_PREFIX}*, or the config's "
                 f"slurm section)")
     limit = max(n["time_min"] for n in candidates)
-    if s["time_min"] > limit:
-        raise ValueError(f"submitit: time_min {s['time_min']} exceeds partition "
+    if request.time_min > limit:
+        raise ValueError(f"submitit: time_min {request.time_min} exceeds partition "
                          f"{partition!r}'s limit of {limit:g} minutes")
 
 
 # --- submitting and waiting ----------------------------------------------------------------
 
 
-def make_executor(s: dict):
-    """A submitit executor configured by the settings ``s``."""
+def make_executor(settings: SlurmSettings):
+    """A submitit executor configured by ``settings``."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=os.path.join(s["folder"], "%j"), cluster=s["cluster"])
-    params = {"name": "domainbed", "timeout_min": s["time_min"], "gpus_per_node": s["gpus"],
-              "cpus_per_task": s["cpus"], "mem_gb": s["mem_gb"],
-              "slurm_array_parallelism": s["array_parallelism"],
-              "slurm_signal_delay_s": s["signal_delay_s"]}
-    if s["partition"]:
-        params["slurm_partition"] = s["partition"]
+    executor = submitit.AutoExecutor(folder=os.path.join(settings.folder, "%j"),
+                                     cluster=settings.cluster)
+    params = {"name": "domainbed", "timeout_min": settings.time_min,
+              "gpus_per_node": settings.gpus, "cpus_per_task": settings.cpus,
+              "mem_gb": settings.mem_gb, "slurm_array_parallelism": settings.array_parallelism,
+              "slurm_signal_delay_s": settings.signal_delay_s}
+    if settings.partition:
+        params["slurm_partition"] = settings.partition
     executor.update_parameters(**params)
     return executor
 
@@ -259,22 +300,22 @@ def wait(jobs: list, max_minutes: float) -> list:
     return unfinished
 
 
-def submitit_launcher(commands: list[str], config: dict | None = None) -> list:
-    """DomainBed launcher: submit ``commands`` as one job array; returns the submitit jobs.
-    With ``wait``, blocks until all ended (bounded) and reports the ones that did not
-    complete."""
+def submitit_launcher(commands: list[str], settings: SlurmSettings | None = None) -> list:
+    """DomainBed launcher: submit ``commands`` as one job array with ``settings`` (default:
+    the defaults; the environment wins over both); returns the submitit jobs. With ``wait``,
+    blocks until all ended (bounded) and reports the ones that did not complete."""
     if not commands:
         return []
-    s = settings(config)
-    if s["cluster"] == "slurm" or (s["cluster"] is None and shutil.which("sbatch")):
-        check_request(s, cluster_nodes())
-    executor = make_executor(s)
+    settings = (settings or SlurmSettings()).with_environment()
+    if settings.cluster == "slurm" or (settings.cluster is None and shutil.which("sbatch")):
+        check_request(settings, cluster_nodes())
+    executor = make_executor(settings)
     jobs = executor.map_array(SweepCommand(), [entry_command(c) for c in commands])
     print(f"submitit: {len(jobs)} jobs submitted to {executor.cluster}, first id "
           f"{jobs[0].job_id}, logs in {jobs[0].paths.folder.parent}", flush=True)
-    if s["wait"]:
-        rounds = math.ceil(len(jobs) / max(s["array_parallelism"], 1))
-        wait(jobs, s["wait_max_min"] or s["time_min"] * rounds + 60)
+    if settings.wait:
+        rounds = math.ceil(len(jobs) / max(settings.array_parallelism, 1))
+        wait(jobs, settings.wait_max_min or settings.time_min * rounds + 60)
     return jobs
 
 

@@ -4,6 +4,7 @@ Each ``_patch_*`` function takes one of DomainBed's registry modules right after
 and is idempotent, so the start-up hook and an explicit :func:`register_all` can both run.
 """
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -21,18 +22,13 @@ def _patch_algorithms(module: ModuleType) -> None:
     _add(module, list(ALGORITHMS), {n: s.cls for n, s in ALGORITHMS.items()}, "ALGORITHMS")
 
 
-def _plugin_spec(name: str):
-    from domainbed_gaqat.plugin.algorithms import ALGORITHMS
-
-    return ALGORITHMS.get(name)
-
-
 def _patch_hparams_registry(module: ModuleType) -> None:
-    from domainbed_gaqat.plugin import hparams
+    from domainbed_gaqat.plugin import hparams, registry
 
-    if not getattr(module._hparams, "_gaqat", False):
-        module.default_hparams, module.random_hparams, module._hparams = hparams.wrap_registry(
-            module.default_hparams, module.random_hparams, module._hparams, _plugin_spec)
+    installed = module._hparams
+    if getattr(installed, "func", None) is not hparams.registry_pairs:
+        module._hparams = functools.partial(hparams.registry_pairs, installed,
+                                           registry.plugin_spec)
 
 
 def _patch_datasets(module: ModuleType) -> None:

@@ -1,8 +1,15 @@
-"""How each of the plugin's algorithms is declared, once, with what it needs.
+"""How each of the plugin's algorithms is declared, once, with what it needs, and the queries
+over DomainBed's registry that it joins.
 
 ``@algorithm(...)`` on a class records an :class:`AlgorithmSpec` (and sets the class's
 ``SPEC``); :data:`domainbed_gaqat.plugin.algorithms.ALGORITHMS` holds them all, and DomainBed's
 ``ALGORITHMS``, the hyperparameter families, the benchmark, the tools and the tests read it.
+Whether an algorithm is quantized has one answer, :attr:`AlgorithmSpec.quantized`:
+
+>>> plugin_spec("GAQAT").quantized, plugin_spec("ERM_FP").quantized, plugin_spec("ERM")
+(True, False, None)
+>>> "LSQ" in quantized_algorithms() and "ERM_FP" not in quantized_algorithms()
+True
 """
 
 from collections.abc import Callable
@@ -62,3 +69,30 @@ which subclasses inherit)."""
 def specs() -> dict[str, AlgorithmSpec]:
     """The algorithms declared so far, in declaration order (the tables' row order)."""
     return dict(_SPECS)
+
+
+# --- queries over DomainBed's registry (which the start-up hook has joined) -----------------
+
+
+def algorithm_class(name: str) -> type:
+    """A DomainBed algorithm class (the plugin's are registered by its start-up hook)."""
+    from domainbed import algorithms
+
+    if name not in algorithms.ALGORITHMS:
+        raise ValueError(f"algorithm {name!r}: expected one of {sorted(algorithms.ALGORITHMS)}")
+    return algorithms.get_algorithm_class(name)
+
+
+def plugin_spec(name: str) -> AlgorithmSpec | None:
+    """The spec of DomainBed's algorithm ``name`` if it is one of the plugin's, else None
+    (DomainBed's own, or no algorithm)."""
+    from domainbed import algorithms
+
+    return getattr(getattr(algorithms, name, None), "SPEC", None)
+
+
+def quantized_algorithms() -> list[str]:
+    """DomainBed's registered algorithms that are quantized, in registration order."""
+    from domainbed import algorithms
+
+    return [n for n in algorithms.ALGORITHMS if (spec := plugin_spec(n)) and spec.quantized]

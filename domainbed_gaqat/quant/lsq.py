@@ -91,7 +91,17 @@ def compile_kernels(enable: bool = True, **compile_options) -> None:
 
 def lsq_quantize(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int,
                  grad_scale: float = 1.0) -> torch.Tensor:
-    """Functional LSQ fake quantization (see :class:`LSQFunction`)."""
+    """Functional LSQ fake quantization (see :class:`LSQFunction`).
+
+    >>> v = torch.tensor([0.12, -0.4, 0.9], requires_grad=True)
+    >>> s = torch.tensor(0.25, requires_grad=True)
+    >>> q = lsq_quantize(v, s, 0, 3)  # 2-bit unsigned grid: 0, s, 2s, 3s
+    >>> q.tolist()
+    [0.0, 0.0, 0.75]
+    >>> q.sum().backward()  # v / s = 0.48 inside, -1.6 below, 3.6 above the grid
+    >>> v.grad.tolist(), round(s.grad.item(), 4)  # STE; (0 - 0.48) + 0 + 3
+    ([1.0, 0.0, 0.0], 2.52)
+    """
     return LSQFunction.apply(v, scale, lower, upper, grad_scale)
 
 

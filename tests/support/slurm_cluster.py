@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_cluster.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "slurm_cluster.sh"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ A generator of test data (records with made-up accuracies and step times), not a
 training: the tests of ``gaqat sweep status`` and ``gaqat tables --plots`` build their trees
 with it, and as a script it times ``gaqat sweep status`` on a large tree (docs/reproducing.md):
 
-    python tests/status_tree.py /tmp/tree --config pacs_w4a4 --runs 2000
+    python tests/support/status_tree.py /tmp/tree --config pacs_w4a4 --runs 2000
 """
 
 import argparse
@@ -21,7 +21,7 @@ from domainbed import datasets
 from domainbed.scripts.sweep import Job
 
 from domainbed_gaqat.experiments import status
-from domainbed_gaqat.experiments.configs import load_config
+from domainbed_gaqat.experiments.configs import SweepConfig, load_config
 from domainbed_gaqat.experiments.results import find_runs
 from domainbed_gaqat.experiments.sweep import plan
 
@@ -77,7 +77,7 @@ def write_run(folder: str | os.PathLike, train_args: dict, last_step: int | None
     return records
 
 
-def fill_stage(config: dict, out: str, data: str, stage: str,
+def fill_stage(config: SweepConfig, out: str, data: str, stage: str,
                state: Callable[[Job], tuple[int | None, bool] | None] = lambda job: (10**9, True),
                step_time: float = 0.5,
                curve: Callable[[Job], Callable] | None = None) -> list[Job]:
@@ -101,16 +101,16 @@ def generate(config_name: str, out: str, runs: int) -> int:
     trials (not the config's jobs, read all the same). Returns the folders written."""
     config = load_config(config_name)
     data = out
-    *earlier, last = [s["name"] for s in config["stages"]]
+    *earlier, last = [s.name for s in config.stages]
     jobs = [j for name in earlier for j in fill_stage(config, out, data, name)]
-    mid = config["stages"][-1]["steps"] // 2
+    mid = config.stages[-1].steps // 2
     jobs += fill_stage(config, out, data, last,
                        lambda j: [(10**9, True), (mid, False), None][int(j.output_dir[-1], 16) % 3])
     written = sum(os.path.isdir(j.output_dir) for j in jobs)
     source = [j for j in jobs if os.path.isdir(j.output_dir)]
     for i in range(runs - written):
         job = source[i % len(source)]
-        trial = job.train_args["trial_seed"] + config["trials"] * (1 + i // len(source))
+        trial = job.train_args["trial_seed"] + config.trials * (1 + i // len(source))
         other = Job({**job.train_args, "trial_seed": trial},
                     os.path.dirname(job.output_dir))
         write_run(other.output_dir, other.train_args, 10**9, done=True)

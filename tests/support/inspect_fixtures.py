@@ -12,7 +12,7 @@ batch 2 per domain, a few steps:
 import json
 import os
 
-from conftest import PYTHON, run
+from support.helpers import PYTHON, run
 
 _RUNS: dict[str, str] = {}
 TINY = {"batch_size": 2}

@@ -1,37 +1,19 @@
-"""Checkpoints, all untrusted (``torch.load(..., weights_only=True)``): the initial weights of
-the featurizer (MoCo-v2, torchvision, a DomainBed ``model.pkl``) and ``model.pkl`` files read
-back into their algorithm.
+"""The featurizer's initial weights (hparams ``init`` / ``init_path``): MoCo-v2, torchvision's
+ImageNet weights, or a DomainBed ``model.pkl`` of an earlier stage; all untrusted files
+(``torch.load(..., weights_only=True)``).
 """
 
 import os
-from collections.abc import Sequence
 
 import torch
 import torchvision
 from torch import nn
 
 from domainbed_gaqat.plugin.featurizer import Featurizer
-from domainbed_gaqat.plugin.hooks import hosted
+from domainbed_gaqat.plugin.hparams import INIT_CHOICES
+from domainbed_gaqat.plugin.model_files import read_weights
 
-INIT_CHOICES = ("none", "torchvision", "moco", "domainbed")
 MOCO_ENV = "DOMAINBED_GAQAT_MOCO"
-CHECKPOINT_KEYS = ("args", "model_input_shape", "model_num_classes", "model_num_domains",
-                   "model_hparams", "model_dict")
-
-
-def read_weights(path: str, what: str) -> object:
-    """``torch.load(path, weights_only=True)`` on CPU; errors name the path and ``what`` it
-    should be."""
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"{what}: no file at {path!r}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{what}: could not read {path!r} as a weights-only torch checkpoint "
-                         f"({err})") from err
-
-
-# --- initial weights -----------------------------------------------------------------------
 
 
 def _load_exact(module: nn.Module, state: dict, path: str, what: str) -> None:
@@ -113,74 +95,3 @@ def initialize(featurizer: Featurizer, classifier: nn.Linear, hparams: dict) -> 
             raise ValueError(f"{path!r} has no featurizer.*/classifier.* weights: not a {what}")
         _load_exact(featurizer, feat, path, what)
         _load_exact(classifier, head, path, what)
-
-
-# --- model.pkl --------------------------------------------------------------------------
-
-
-def algorithm_class(name: str) -> type:
-    """A DomainBed algorithm class (the plugin's are registered by its start-up hook)."""
-    from domainbed import algorithms
-
-    if name not in algorithms.ALGORITHMS:
-        raise ValueError(f"algorithm {name!r}: expected one of {sorted(algorithms.ALGORITHMS)}")
-    return algorithms.get_algorithm_class(name)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A DomainBed ``model.pkl`` (train.py's ``save_checkpoint`` dict), loaded weights-only."""
-    ckpt = read_weights(path, "DomainBed model.pkl")
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path!r} is not a DomainBed model.pkl: missing keys {missing} "
-                         f"(expected {list(CHECKPOINT_KEYS)})")
-    return ckpt
-
-
-def algorithm_from_checkpoint(ckpt: dict, device: str = "cpu") -> nn.Module:
-    """Rebuild the checkpoint's algorithm and load its ``model_dict`` with ``strict=True``.
-
-    The initialisation hparams are reset to ``init='none'`` first: the weights come from the
-    checkpoint, so the stage-1 / MoCo file it was started from need not exist any more.
-    """
-    name = ckpt["args"].get("algorithm")
-    hparams = dict(ckpt["model_hparams"], init="none", init_path="")
-    with hosted():  # a model trained with gaqat train's hooks (SWAD) is rebuilt too
-        algorithm = algorithm_class(name)(tuple(ckpt["model_input_shape"]),
-                                          ckpt["model_num_classes"],
-                                          ckpt["model_num_domains"], hparams)
-    algorithm.load_state_dict(ckpt["model_dict"])
-    return algorithm.to(device).eval()
-
-
-def load_algorithm(path: str, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """``(algorithm in eval mode, checkpoint dict)`` of a ``model.pkl``."""
-    ckpt = load_checkpoint(path)
-    return algorithm_from_checkpoint(ckpt, device), ckpt
-
-
-def quantized_algorithms() -> list[str]:
-    """The registered algorithms with quantizers (the plugin's declare it in their ``SPEC``)."""
-    from domainbed import algorithms
-
-    return [name for name in algorithms.ALGORITHMS
-            if getattr(getattr(algorithms, name, None), "SPEC", None) is not None
-            and algorithms.get_algorithm_class(name).SPEC.quantized]
-
-
-def require_quantized(ckpt: dict, path: str) -> None:
-    name = ckpt["args"].get("algorithm")
-    if name not in quantized_algorithms():
-        raise ValueError(f"{path!r} holds algorithm {name!r}: expected a quantized model "
-                         f"({', '.join(quantized_algorithms())})")
-
-
-def checkpoint_dict(args: dict, dataset, test_envs: Sequence[int], hparams: dict,
-                    algorithm: nn.Module) -> dict:
-    """The dict train.py saves as ``model.pkl``."""
-    return {"args": args, "model_input_shape": dataset.input_shape,
-            "model_num_classes": dataset.num_classes,
-            "model_num_domains": len(dataset) - len(test_envs),
-            "model_hparams": hparams, "model_dict": algorithm.state_dict()}
-
-

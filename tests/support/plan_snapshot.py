@@ -1,7 +1,8 @@
 """Stored plans: every paper config's DomainBed jobs and the tables of fabricated runs.
 
-``python tests/plan_snapshot.py`` writes ``tests/data/plans.json``; ``test_plans.py`` checks that
-the code still plans the same jobs (train args, run folders, commands) and prints the same tables.
+``python tests/support/plan_snapshot.py`` writes ``tests/data/plans.json``; ``test_plans.py``
+checks that the code still plans the same jobs (train args, run folders, commands) and prints
+the same tables.
 Stages that start from earlier ones are planned after the earlier stage's runs were fabricated
 here (deterministic accuracies from each run's hparams, test envs and trial, no training).
 Run folders are hashes of the train args, which hold absolute paths: the plans use a fixed root.
@@ -20,7 +21,7 @@ ROOT = "/tmp/domainbed-gaqat-plan-snapshot"
 CONFIGS = ("demo", "pacs_w4a4", "pacs_w3a3", "domainnet_w4a4", "domainnet_w3a3",
            "pacs_ablation", "pacs_freeze_steps", "pacs_threshold", "pacs_qat_w4a4", "qtdog_pacs")
 TABLES = ("demo", "pacs_w4a4", "domainnet_w4a4", "pacs_freeze_steps", "qtdog_pacs")
-STORED = Path(__file__).with_name("data") / "plans.json"
+STORED = Path(__file__).resolve().parents[1] / "data" / "plans.json"
 
 
 def _unit(*parts: object) -> float:
@@ -34,9 +35,11 @@ def fabricate(job, n_envs: int) -> None:
     a ``model.pkl`` placeholder; a run with SWAD's hparams has its averaged model's
     ``swad_env*`` accuracies in the last record); accuracies depend on what the run is, not
     where it is."""
+    from domainbed_gaqat.experiments.runs import RunSpec
+
     args = {k: v for k, v in job.train_args.items() if k != "hparams"}
     hparams = json.loads(job.train_args["hparams"])
-    identity = {k: v for k, v in hparams.items() if k != "init_path"}
+    identity = RunSpec.from_args(args, hparams).meaning()["hparams"]  # paths left out
     key = (args["algorithm"], identity, args["test_envs"], args["trial_seed"])
     os.makedirs(job.output_dir, exist_ok=True)
     with open(os.path.join(job.output_dir, "results.jsonl"), "w") as f:
@@ -77,13 +80,13 @@ def snapshot(api) -> dict:
         out, data = f"{ROOT}/out", f"{ROOT}/data"
         config = api.load_config(name)
         stages = {}
-        for i, spec in enumerate(config["stages"]):
-            stage = api.plan(config, out, data)[i]
-            assert not stage.blocked, stage.blocked
+        for i, stage in enumerate(config.stages):
+            planned = api.plan(config, out, data)[i]
+            assert not planned.blocked, planned.blocked
             # the command holds every train arg, the run folder (a hash of them) included
-            stages[spec["name"]] = [_plain(j.command_str, python) for j in stage.jobs]
-            for job in stage.jobs:
-                fabricate(job, api.n_envs(config["dataset"]))
+            stages[stage.name] = [_plain(j.command_str, python) for j in planned.jobs]
+            for job in planned.jobs:
+                fabricate(job, api.n_envs(config.dataset))
         entry = {"stages": stages, "tables": {}}
         if name in TABLES:
             for fmt in ("markdown", "csv"):

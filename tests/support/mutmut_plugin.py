@@ -1,4 +1,5 @@
-"""pytest plugin of ``make mutation`` (``-p tests.mutmut_plugin``; not used otherwise).
+"""pytest plugin of ``make mutation`` (``-p tests.support.mutmut_plugin``; not used
+otherwise).
 
 mutmut runs the tests in ``./mutants``, whose copy of the package (mutated) comes first on
 ``sys.path``. ``domainbed_gaqat.pth`` imported the package at interpreter start-up, from the
