@@ -12,7 +12,10 @@ py=${1:-$root/.venv/bin/python}
 dest="$root/.gpu_check"
 packages="wilds outdated littleutils pytz submitit parameterized"
 
-src=$("$py" -c 'import domainbed, os; print(os.path.dirname(domainbed.__file__))')
+src=$(cd / && "$py" -c 'import domainbed, os; print(os.path.dirname(domainbed.__file__))')
+case "$src" in "$dest"/*)
+  echo "error: $py imports DomainBed from $src, the folder this script replaces" >&2; exit 1 ;;
+esac
 pins=$("$py" -m pip freeze 2>/dev/null | grep -i -E "^($(echo $packages | tr ' ' '|'))==" )
 [ "$(echo "$pins" | wc -l)" -eq "$(echo $packages | wc -w)" ] ||
   { echo "error: $py lacks some of: $packages (found: $pins)" >&2; exit 1; }

@@ -40,12 +40,16 @@ def test_pacs_folder_is_read_by_domainbed(tmp_path):
 
 
 def test_existing_output_and_bad_usage_are_refused(tmp_path):
+    """Refused before any work (nothing installed, nothing written)."""
     out = tmp_path / "check.json"
     out.write_text("{}")
-    proc = run(["bash", str(SCRIPT), "--cpu", "--python", PYTHON, str(out)], check=False)
+    proc = run(["bash", str(SCRIPT), "--cpu", str(out)], check=False)
     assert proc.returncode == 2 and "exists" in proc.stderr and out.read_text() == "{}"
-    proc = run(["bash", str(SCRIPT), "--cpu"], check=False)
-    assert proc.returncode == 2 and "usage" in proc.stderr
+    for argv in (["--cpu"], ["--cpu", "--python"], ["--cpu", "a.json", "b.json"],
+                 ["--gpu", "a.json"]):
+        proc = run(["bash", str(SCRIPT), *argv], check=False, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith("usage: "), argv
+    assert [p.name for p in tmp_path.iterdir()] == ["check.json"]
 
 
 @pytest.mark.slow
