@@ -60,6 +60,17 @@ def check_members(runs: list[RunFolder]) -> None:
         raise ValueError(f"members must differ in their seed, got seeds {seeds}")
 
 
+def check_model_file(run: RunFolder, path: str, ckpt: dict) -> None:
+    """A member's model file must record the run of its folder (a model.pkl copied into the
+    wrong folder would make another ensemble)."""
+    recorded = RunSpec.from_args(ckpt["args"], ckpt["model_hparams"])
+    differ = recorded.differences(run.spec)
+    if differ:
+        detail = ", ".join(f"{k} {a!r} (folder: {b!r})" for k, (a, b) in differ.items())
+        raise ValueError(f"{path} is not the model of the run in {run.path}: it records "
+                         f"{detail}")
+
+
 def member_model(run: RunFolder, rule: str) -> str:
     """The member's checkpoint: the one its rule picks if each checkpoint's model was saved."""
     choice = choose([(run, run.spec.eval_from)], rule)
@@ -94,10 +105,14 @@ def evaluate(run_dirs: list[str], rule: str = "train", device: str | None = None
     device = device or default_device()
     paths = [member_model(run, rule) for run in runs]
     checkpoints = [load_checkpoint(p) for p in paths]
-    models = [algorithm_from_checkpoint(c, device) for c in checkpoints]
+    for run, path, ckpt in zip(runs, paths, checkpoints):
+        check_model_file(run, path, ckpt)
     args = runs[0].args
     data = Data(args["dataset"], args.get("data_dir"), args["test_envs"], runs[0].hparams,
                 args.get("holdout_fraction", 0.2), args.get("trial_seed", 0))
+    for ckpt in checkpoints:
+        data.check_model(ckpt)
+    models = [algorithm_from_checkpoint(c, device) for c in checkpoints]
     record = {"step": runs[0].records[-1]["step"], "members": paths,
               "seeds": [run.args.get("seed") for run in runs], "hparams": runs[0].hparams,
               "args": {**args, "algorithm": args["algorithm"] + SUFFIX, "output_dir": None}}

@@ -58,8 +58,8 @@ def quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(parser: argparse.ArgumentParser, algorithm: str = "ERM",
-        dataset: str = "RotatedMNIST") -> None:
+def run_identity(parser: argparse.ArgumentParser, algorithm: str = "ERM",
+                 dataset: str = "RotatedMNIST") -> None:
     """DomainBed train.py's arguments that say what a run is (its defaults unless given)."""
     group = parser.add_argument_group("run (as domainbed.scripts.train)")
     group.add_argument("--algorithm", default=algorithm)

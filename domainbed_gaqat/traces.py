@@ -285,7 +285,7 @@ def write_outputs(grads: pd.DataFrame, disorder: pd.DataFrame, output_dir: str, 
 
 
 def add_arguments(parser) -> None:
-    options.run(parser, algorithm="GAQAT", dataset="RotatedDigits")
+    options.run_identity(parser, algorithm="GAQAT", dataset="RotatedDigits")
     parser.add_argument("--steps", type=options.positive_int, default=1000)
     parser.add_argument("--every", type=options.positive_int, default=None,
                         help="M: sum gradients over blocks of M steps (default: K)")

@@ -70,7 +70,7 @@ LOOP_ARGS = ("save_every", "workers", "deterministic", "allow_nonfinite")
 
 def add_arguments(parser) -> None:
     """DomainBed train.py's arguments (names, defaults), then this entry's own."""
-    options.run(parser)
+    options.run_identity(parser)
     group = parser.add_argument_group("training (as domainbed.scripts.train)")
     group.add_argument("--task", default="domain_generalization",
                        choices=["domain_generalization", "domain_adaptation"])

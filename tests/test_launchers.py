@@ -289,4 +289,7 @@ def test_a_job_at_its_time_limit_is_requeued_and_resumes(slurm, tmp_path):
         return found
 
     assert [r["step"] for r in records(out)] == [0, 40, 80, 120, 159]
+    executor = launchers.make_executor(launchers.SlurmSettings(cluster="slurm",
+                                                               folder=str(tmp_path / "e")))
+    assert executor._executor.max_num_timeout == 50  # not submitit's 3
     assert records(out) == records(reference)

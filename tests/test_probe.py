@@ -92,3 +92,14 @@ def test_bad_selections_are_clear_errors(run_dir) -> None:
     with pytest.raises(ValueError, match="positive"):
         with probe.perturbed([], 0.0):
             pass
+
+
+def test_a_model_of_another_dataset_is_refused(run_dir, tmp_path, capsys) -> None:
+    """``--dataset Debug28`` (2 classes, 28 px) for a RotatedDigits model: one line, exit 2,
+    nothing written (it used to write a table of zero accuracies)."""
+    pkl = os.path.join(run_dir, "model.pkl")
+    assert gaqat("probe", pkl, "--dataset", "Debug28", "--test_envs", "0", "--layers",
+                 "layer3.0.conv1", "--output_dir", str(tmp_path / "out"), "--quiet") == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "trained on 'RotatedDigits' (10 classes" in line and "'Debug28' has 2 classes" in line
+    assert not (tmp_path / "out").exists()

@@ -67,18 +67,39 @@ def _record_problem(record: object) -> str | None:
     return f"missing {', '.join(missing)}" if missing else None
 
 
+def _once(results: str, found: list[tuple[int, dict]], problems: list[str]) -> list[dict]:
+    """Each checkpoint once: a line repeating the line before it is dropped; where the steps
+    go back (a run restarted from scratch appended its records, as DomainBed's train.py does,
+    or a file appended to itself), only the records from the last restart on are the run's.
+    Both are reported."""
+    kept: list[tuple[int, dict]] = []
+    for number, record in found:
+        if kept and record == kept[-1][1]:
+            problems.append(f"{results}:{number}: repeats line {kept[-1][0]}, counted once")
+            continue
+        if kept and record["step"] <= kept[-1][1]["step"]:
+            problems.append(f"{results}:{number}: step {record['step']} after step "
+                            f"{kept[-1][1]['step']} (a restart): the {len(kept)} records "
+                            f"before line {number} are not used")
+            kept = []
+        kept.append((number, record))
+    return [record for _, record in kept]
+
+
 def read_run(path: str) -> RunFolder:
-    """Read one run folder; unreadable or incomplete lines are reported in ``problems``."""
-    records, problems = [], []
+    """Read one run folder; unreadable, incomplete and repeated lines are reported in
+    ``problems``."""
+    found, problems = [], []
     results = os.path.join(path, "results.jsonl")
     if os.path.isfile(results):
-        found, problems = read_results(results)
-        for number, record in found:
+        lines, problems = read_results(results)
+        for number, record in lines:
             why = _record_problem(record)
             if why:
                 problems.append(f"{results}:{number}: {why}, skipped")
             else:
-                records.append(record)
+                found.append((number, record))
+    records = _once(results, found, problems)
     return RunFolder(path, records, os.path.isfile(os.path.join(path, "done")), problems)
 
 
@@ -116,15 +137,34 @@ def _is_run(path: str, names: list[str]) -> bool:
 def run_folders(dirs: list[str]) -> list[str]:
     """The run folders under ``dirs`` (a run folder holds train.py's files, or is the empty
     folder DomainBed's ``Job.launch`` makes before the job starts), sorted."""
-    paths = set()
+    paths, visited = {}, set()
     for top in dirs:
         if not os.path.isdir(top):
             raise FileNotFoundError(f"--input_dir {top!r}: no such directory")
-        for here, subdirs, names in os.walk(top):
-            if _is_run(here, subdirs + names):
-                paths.add(here)
+        for here, subdirs, names in os.walk(top, followlinks=True):  # symlinked runs too
+            real = os.path.realpath(here)
+            if real in visited:  # a link loop, or a folder reached twice
                 subdirs.clear()
-    return sorted(paths)
+                continue
+            visited.add(real)
+            if _is_run(here, subdirs + names):
+                paths.setdefault(real, here)
+                subdirs.clear()
+    return sorted(paths.values())
+
+
+def distinct(runs: list[RunFolder]) -> tuple[list[RunFolder], list[str]]:
+    """The runs with each copy (same run, same seeds: a folder copied or merged twice) kept
+    once, a finished one first, then the first by path; and a note per copy left out."""
+    kept, notes = {}, []
+    for run in sorted(runs, key=lambda r: (not r.done, r.path)):
+        if run.spec is None:
+            kept[run.path] = run
+            continue
+        first = kept.setdefault(run.spec.copy_key, run)
+        if first is not run:
+            notes.append(f"{run.path} is a copy of {first.path}: counted once")
+    return sorted(kept.values(), key=lambda r: r.path), notes
 
 
 def find_runs(dirs: list[str], progress: bool = True) -> list[RunFolder]:

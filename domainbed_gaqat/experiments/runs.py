@@ -107,6 +107,13 @@ class RunSpec:
         """The run's meaning as one canonical string (equal for equal runs)."""
         return json.dumps(self.meaning(), sort_keys=True)
 
+    @property
+    def copy_key(self) -> str:
+        """The identity and the seeds: equal for a run and its copies (two runs of one
+        identity but other seeds are two draws, not copies)."""
+        return json.dumps({**self.meaning(), **{k: getattr(self, k) for k in SEEDS}},
+                          sort_keys=True)
+
     def differences(self, other: "RunSpec") -> dict[str, tuple[object, object]]:
         """``{field: (mine, other's)}`` over the identity and the seeds; hparams per key
         (``hparams.lr``); numbers compare by value (``1e-5 == 0.00001``, ``1 == 1.0``)."""

@@ -15,7 +15,8 @@ training-domain validation accuracy and "test" the test-domain accuracy at that 
 domains of a DomainNet group share the group's run, so their val is the same, as in the paper's
 Table 3). Avg: per trial the mean over the domain columns, then mean +- standard error over the
 trials that have them all. Only finished runs count; unfinished ones, unreadable lines and jobs
-not launched are listed on stderr.
+not launched are listed on stderr. Run folders are found through symbolic links too; a copied
+run folder and a repeated record line count once, with a note.
 """
 
 import json
@@ -30,7 +31,7 @@ from domainbed_gaqat.experiments import outputs
 from domainbed_gaqat.experiments.configs import load_config
 from domainbed_gaqat.experiments.plots import paths as plot_paths
 from domainbed_gaqat.experiments.plots import write_plots
-from domainbed_gaqat.experiments.results import Locator, RunFolder, find_runs
+from domainbed_gaqat.experiments.results import Locator, RunFolder, distinct, find_runs
 from domainbed_gaqat.experiments.selection import SELECTION_RULES, choose
 from domainbed_gaqat.experiments.sweep import plan
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
@@ -299,7 +300,9 @@ def print_tables(configs: list[str], input_dirs: list[str] | None = None,
             raise ValueError("configs need --output_dir (the folder holding the sweep's runs)")
         entries, config_split, rules = config_entries(configs, output_dir, data_dir, notes)
     else:
-        entries = [(run, eval_from) for run in find_runs(input_dirs)]
+        runs, copies = distinct(find_runs(input_dirs))
+        notes += copies
+        entries = [(run, eval_from) for run in runs]
         config_split, rules = [], ["test"]
     entries += ensemble_entries(list(ensembles))
     if len(set(rules)) > 1 and not selection:

@@ -109,8 +109,7 @@ class Data:
 
     def __init__(self, dataset_name: str, data_dir: str | None, test_envs: Sequence[int],
                  hparams: dict, holdout_fraction: float = 0.2, trial_seed: int = 0) -> None:
-        self.test_envs = list(test_envs)
-        self.hparams = hparams
+        self.name, self.test_envs, self.hparams = dataset_name, list(test_envs), hparams
         self.dataset = build_dataset(dataset_name, data_dir, self.test_envs, hparams)
         self.in_splits, self.out_splits, _ = split_envs(self.dataset, self.test_envs, hparams,
                                                         holdout_fraction, trial_seed)
@@ -119,12 +118,26 @@ class Data:
     def from_checkpoint(cls, ckpt: dict, dataset: str | None = None,
                         data_dir: str | None = None,
                         test_envs: Sequence[int] | None = None) -> "Data":
-        """The data of the run that wrote ``ckpt`` (its args), each field overridable."""
+        """The data of the run that wrote ``ckpt`` (its args), each field overridable; a model
+        that cannot read that data (other classes or input shape) is refused."""
         args = ckpt["args"]
-        return cls(dataset or args["dataset"], data_dir or args.get("data_dir"),
+        data = cls(dataset or args["dataset"], data_dir or args.get("data_dir"),
                    test_envs if test_envs is not None else args["test_envs"],
                    ckpt["model_hparams"], args.get("holdout_fraction", 0.2),
                    args.get("trial_seed", 0))
+        data.check_model(ckpt)
+        return data
+
+    def check_model(self, ckpt: dict) -> None:
+        """Refuse a model of another dataset: its classes and input shape must be the data's
+        (else every prediction would be scored against the wrong labels)."""
+        mine = (self.dataset.num_classes, tuple(self.dataset.input_shape))
+        theirs = (ckpt["model_num_classes"], tuple(ckpt["model_input_shape"]))
+        if mine != theirs:
+            raise ValueError(
+                f"the model was trained on {ckpt['args'].get('dataset')!r} ({theirs[0]} classes, "
+                f"input {theirs[1]}); {self.name!r} has {mine[0]} classes, input {mine[1]}: "
+                "give the model's dataset (--dataset), or a model of this one")
 
     @property
     def train_envs(self) -> list[int]:

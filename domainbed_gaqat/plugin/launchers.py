@@ -30,6 +30,8 @@ cpus                 ``8`` per job
 mem_gb               ``32`` per job
 array_parallelism    ``64`` jobs of the array at once
 signal_delay_s       ``90``: SIGUSR2 this long before the limit
+max_timeouts         ``50``: requeues at the time limit before a job is given up (submitit's
+                     default, 3, would end a 50,000-step run on a 4-hour partition)
 wait                 ``0``; ``1``: return when all jobs ended
 wait_max_min         ``0``: the time limit x array rounds + 60
 ===================  ==========================================================================
@@ -82,6 +84,7 @@ class SlurmSettings:
     mem_gb: int = 32
     array_parallelism: int = 64
     signal_delay_s: int = 90
+    max_timeouts: int = 50
     wait: bool = False
     wait_max_min: int = 0
 
@@ -243,7 +246,8 @@ def make_executor(settings: SlurmSettings):
     import submitit
 
     executor = submitit.AutoExecutor(folder=os.path.join(settings.folder, "%j"),
-                                     cluster=settings.cluster)
+                                     cluster=settings.cluster,
+                                     slurm_max_num_timeout=settings.max_timeouts)
     params = {"name": "domainbed", "timeout_min": settings.time_min,
               "gpus_per_node": settings.gpus, "cpus_per_task": settings.cpus,
               "mem_gb": settings.mem_gb, "slurm_array_parallelism": settings.array_parallelism,
