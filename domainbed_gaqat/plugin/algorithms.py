@@ -343,7 +343,7 @@ class WithSWAD:
             print(f"SWAD: converged at step {valley.converge_step}, threshold "
                   f"{valley.threshold:.6f}")
         if dead:
-            print(f"SWAD: the loss valley is dead at step {step}: the run may end here")
+            print(f"SWAD: the loss valley is dead at step {step}: the run ends here")
         return dead
 
     def on_train_end(self, minibatches) -> None:
