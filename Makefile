@@ -27,12 +27,15 @@ demo: setup
 # cluster on loopback, as root); test-fast is the edit-run loop (no subprocess-heavy tests);
 # both run the package's docstring examples too (--doctest-modules, pyproject.toml);
 # test-paper runs every paper config end to end on tiny image folders (about 15 minutes).
+# TEST_WORKERS: pytest-xdist processes, each module one unit of work (module fixtures run
+# once; conftest.py starts the long modules first); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not paper"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not paper"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not paper"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not paper"
 
 test-paper: setup
 	$(PY) -m pytest -q -m paper

@@ -25,8 +25,9 @@ from support.image_folders import write_images
 from domainbed_gaqat.train import rng_state, set_rng_state
 
 # 24 steps, batch 16: a pass over a RotatedDigits training split is 15 batches, so the loaders
-# start a new pass at step 15; GAQAT decides its freezing every 4 steps
-ARGS = ["--dataset", "RotatedDigits", "--test_envs", "0", "--steps", "24",
+# start a new pass at step 15; GAQAT decides its freezing every 4 steps; two training
+# environments of six (a step on 32 images: every case runs several of these)
+ARGS = ["--dataset", "RotatedDigits", "--test_envs", "0", "1", "2", "3", "--steps", "24",
         "--checkpoint_freq", "8", "--seed", "3", "--algorithm", "GAQAT"]
 HPARAMS = {"batch_size": 16, "gaqat_K": 4}
 STEPS = [0, 8, 16, 23]
