@@ -61,6 +61,16 @@ ACCOUNT=${SLURM_DEV_ACCOUNT:-devacct}
 TAG="SLURM_DEV_TAG=$(printf '%s' "$STATE_DIR" | md5sum | cut -c1-16)"
 
 # ----------------------------------------------------------------- helpers --
+proc_stat() {  # proc_stat PID N -> field N after the command name of /proc/PID/stat (1: the
+  # state, 2: the parent); fails if PID is gone. The name, in parentheses, may hold spaces
+  # (pytest-xdist's workers: "[pytest-xdist r"), so fields are counted from its last ')'.
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  read -r -a stat <<<"$stat"
+  echo "${stat[$(($2 - 1))]}"
+}
+
 pid_alive() {  # pid_alive NAME -> 0 if STATE_DIR/pids/NAME.pid is a live NAME process
   local f=$PID_DIR/$1.pid pid
   [[ -s $f ]] || return 1
@@ -70,7 +80,7 @@ pid_alive() {  # pid_alive NAME -> 0 if STATE_DIR/pids/NAME.pid is a live NAME p
   # guard against pid reuse: the command line must mention the daemon name
   { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q -- "$1" || return 1
   # a zombie is dead for our purposes
-  [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
+  [[ $(proc_stat "$pid" 1) != Z ]]
 }
 
 stop_pid() {  # stop_pid PID LABEL [WAIT_S]: TERM, wait up to WAIT_S (10) s, KILL
@@ -78,7 +88,7 @@ stop_pid() {  # stop_pid PID LABEL [WAIT_S]: TERM, wait up to WAIT_S (10) s, KIL
   kill -TERM "$pid" 2>/dev/null || return 0
   for ((i = 0; i < wait_s * 10; i++)); do
     kill -0 "$pid" 2>/dev/null || { log "stopped $label (pid $pid)"; return 0; }
-    if [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]]; then
+    if [[ $(proc_stat "$pid" 1) == Z ]]; then
       log "stopped $label (pid $pid)"; return 0
     fi
     sleep 0.1
@@ -204,14 +214,14 @@ kill_leftovers() {
   local skip=" " p=$$ pid env f e
   while [[ $p -gt 1 ]]; do
     skip+="$p "
-    p=$(awk '{print $4}' "/proc/$p/stat" 2>/dev/null || echo 1)
+    p=$(proc_stat "$p" 2) || p=1
   done
   for f in "$PID_DIR"/*.pid; do [[ -s $f ]] && skip+="$(<"$f") "; done
   for env in /proc/[0-9]*/environ; do
     pid=${env#/proc/}; pid=${pid%/environ}
     [[ $skip == *" $pid "* ]] && continue
     # children of a still-recorded daemon (slurmctld's slurmscriptd) go with it
-    p=$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null) || continue
+    p=$(proc_stat "$pid" 2) || continue
     [[ $skip == *" $p "* ]] && continue
     e=$( { tr '\0' '\n' <"$env"; } 2>/dev/null) || continue
     if grep -qxF "$TAG" <<<"$e" ||
