@@ -269,6 +269,9 @@ class QTDoGStep(QuantStart):
     (``qtdog_release``, see :class:`QTDoG`)."""
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
+        if hparams.get("qtdog_release", False) and "sagm" in self.SPEC.families:
+            raise ValueError(f"{self.SPEC.name}: qtdog_release reproduces QT-DoG's release, "
+                             "whose step is ERM's: SAGM's step is not one")
         super().__init__(input_shape, num_classes, num_domains, hparams)
         convs = [m.weight for m in self.modules() if isinstance(m, QuantConv2d)]
         self.fixed_after_start = [*convs, *self.scales] if hparams["qtdog_release"] else []

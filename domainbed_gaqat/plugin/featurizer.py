@@ -11,6 +11,11 @@ scale per output channel, the stem's weights quantized too, and quantizers that 
 (the exact identity) until a training step.
 """
 
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torchvision
 from torch import nn
@@ -79,3 +84,40 @@ class Featurizer(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         return self
+
+
+# --- DomainBed's algorithms on the shared featurizer ---------------------------------------
+#
+# Every DomainBed algorithm builds its featurizer(s) through ``networks.Featurizer(input_shape,
+# hparams)`` (Fish through ``networks.WholeFish``, inside ``update`` too): the one call they all
+# make. The start-up hook wraps that function once, when ``domainbed.networks`` is imported, by
+# :func:`domainbed_featurizer`: inside :func:`building` it returns what the given builder makes
+# (the shared featurizer), everywhere else DomainBed's own, unchanged. DomainBed's ResNet would
+# also download ImageNet weights at construction, which fails offline.
+
+Builder = Callable[[tuple[int, ...], dict], nn.Module]
+_BUILDER: ContextVar[Builder | None] = ContextVar("domainbed_gaqat_featurizer", default=None)
+
+
+def domainbed_featurizer(domainbeds: Builder) -> Builder:
+    """DomainBed's ``networks.Featurizer`` that builds with the builder of :func:`building`
+    when there is one (idempotent: a wrapped function is returned as it is)."""
+    if hasattr(domainbeds, "__wrapped__"):
+        return domainbeds
+
+    @functools.wraps(domainbeds)
+    def featurizer(input_shape, hparams):
+        build = _BUILDER.get()
+        return domainbeds(input_shape, hparams) if build is None else build(input_shape, hparams)
+
+    return featurizer
+
+
+@contextmanager
+def building(build: Builder) -> Iterator[None]:
+    """DomainBed's ``networks.Featurizer(input_shape, hparams)`` calls ``build`` inside."""
+    token = _BUILDER.set(build)
+    try:
+        yield
+    finally:
+        _BUILDER.reset(token)

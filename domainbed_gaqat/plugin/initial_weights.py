@@ -34,8 +34,8 @@ def _load_exact(module: nn.Module, state: dict, path: str, what: str) -> None:
     own = module.state_dict()
     missing = [k for k in own if k not in state and not any(o in k for o in OPTIONAL)]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in state if k in own and (not isinstance(state[k], torch.Tensor)
-                                                or state[k].shape != own[k].shape)]
+    shapes = [k for k in state if k in own and (not isinstance(state[k], torch.Tensor) or (
+        state[k].shape != own[k].shape and own[k].numel()))]  # empty: made at the 1st update
     if missing or unexpected or shapes:
         raise ValueError(
             f"{what} at {path!r} does not match the {type(module).__name__}: "
