@@ -165,9 +165,12 @@ def _check_optimizers(algorithm, variant: str) -> None:
 FAST = ("ERM", "CORAL", "Mixup", "SagNet", "MLDG", "IRM", "DANN", "ADRMX")  # the edit loop's
 
 
+PLUGIN_CASES = [(base, variant) for base in ("SAGM", "SWAD") for variant in VARIANTS]
+
+
 @pytest.mark.parametrize("base,variant", [
-    pytest.param(b, v, marks=() if b in FAST else pytest.mark.slow)
-    for b, v in CASES if (b, v) not in REFUSED])
+    pytest.param(b, v, marks=() if b in FAST or (b, v) == ("SAGM", "QTDoG") else pytest.mark.slow)
+    for b, v in CASES + PLUGIN_CASES if (b, v) not in REFUSED])
 def test_two_updates_move_every_scale_and_the_state_round_trips(base, variant):
     name = f"{base}_{variant}"
     if not _met(base):

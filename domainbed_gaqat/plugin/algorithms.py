@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from domainbed_gaqat.optim.freezing import ScaleFreezer
 from domainbed_gaqat.optim.param_groups import separate_scales
-from domainbed_gaqat.optim.sagm import sagm_step
+from domainbed_gaqat.optim.sagm import flat_grads, sagm_step
 from domainbed_gaqat.optim.saq import saq_step
 from domainbed_gaqat.optim.swad import SWAD
 from domainbed_gaqat.plugin.featurizer import Featurizer, quant_policy
@@ -96,12 +96,6 @@ class FeaturizerAlgorithm(Algorithm):
         return dict(zip(stats, values))
 
 
-def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    """The parameters' gradients in one vector (a per-channel scale is several entries)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
-
-
 @algorithm(benchmark=True)
 class ERM_FP(FeaturizerAlgorithm):
     """Adam on the task loss, full precision (paper's "ERM Full" row; stage 1 of QAT)."""
@@ -117,7 +111,7 @@ class ERM_FP(FeaturizerAlgorithm):
     def _before_optimizer_step(self) -> None:
         """The scale-gradient hooks of a single-pass step."""
         if self.scales and self._scale_hooks:
-            applied = _flat_grads(self.scales)
+            applied = flat_grads(self.scales)
             self._scale_gradients(ScaleGradients(applied, None, applied, None))
 
 
@@ -144,8 +138,8 @@ class SAGM(FeaturizerAlgorithm):
             frozen = self.frozen()
             frozen = None if frozen is None or not self._scale_hooks else frozen.clone()
             applied = self.scale_grads(g_task, g_smooth)
-            for scale, grad in zip(self.scales, applied.unbind()):
-                scale.grad = grad
+            for scale, grad in zip(self.scales, applied.split([s.numel() for s in self.scales])):
+                scale.grad = grad.view_as(scale)
             if self._scale_hooks:
                 self._scale_gradients(ScaleGradients(g_task, g_smooth, applied, frozen))
         self.optimizer.step()
