@@ -209,7 +209,18 @@ def test_two_updates_move_every_scale_and_the_state_round_trips(base, variant):
     if base == "Fish":  # DomainBed's Fish registers its inner copy at its first update
         fresh.update(_minibatches(seed=1))
     fresh.load_state_dict(state)  # strict
-    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
+    assert _same(state, fresh.state_dict())
+
+
+def _same(a, b) -> bool:
+    """Equal states: tensors bit for bit, containers (SWAD's extra state) entry by entry."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
 
 
 # --- the shared featurizer, refusals, QT-DoG's schedule ------------------------------------
