@@ -8,11 +8,11 @@ more, through ``gaqat train``): works, refused when built (the plugin's reason),
     python scripts/coverage.py --output_dir /tmp/coverage --check docs/coverage.md  # exit 1
                                                                  # when they disagree
 
-Runs go through ``runpy`` in a few worker processes (``--jobs``; DomainBed and torch are
-imported once per worker), each with ``--steps 2 --checkpoint_freq 2`` (records at steps 0 and
-1), test env 5, batch 4 per domain; QT-DoG's quantization starts at the second update
-(``quant_start`` 1), so both its phases run. The table replaces the lines between the markers
-``<!-- coverage -->`` and ``<!-- /coverage -->`` of the page.
+Runs go through ``runpy`` in worker processes, ``--jobs`` at a time, nine runs each (DomainBed
+and torch imported once per worker), each run with ``--steps 2 --checkpoint_freq 2`` (records
+at steps 0 and 1), test env 5, batch 4 per domain; QT-DoG's quantization starts at the second
+update (``quant_start`` 1), so both its phases run. The table replaces the lines between the
+markers ``<!-- coverage -->`` and ``<!-- /coverage -->`` of the page.
 """
 
 import argparse
@@ -29,6 +29,7 @@ LOOP = ("SWAD",)  # need gaqat train's loop hooks
 EXTRA = ("CORAL_LSQ",)  # also through gaqat train
 BEGIN, END = "<!-- coverage -->", "<!-- /coverage -->"
 MARK = "coverage: "  # a worker's result lines
+CHUNK = 9  # runs per worker process (a process's memory grows with each run)
 
 
 def train_args(name: str, data_dir: str, output_dir: str) -> list[str]:
@@ -90,7 +91,7 @@ def measure(data_dir: str, output_dir: str, jobs: int) -> dict[str, dict]:
     bases = generic.domainbed_bases()
     bases += [b for b in generic.PLUGIN_BASES if b not in bases]  # SAGM, SWAD
     names = [f"{b}_{v}" for b in bases if b not in LOOP for v in VARIANTS]
-    chunks = [names[i::jobs] for i in range(jobs)]
+    chunks = [names[i:i + CHUNK] for i in range(0, len(names), CHUNK)]
 
     def run_chunk(chunk: list[str]) -> list[dict]:
         proc = subprocess.run([sys.executable, __file__, "--worker", *chunk, "--data_dir",
@@ -123,10 +124,11 @@ def table(measured: dict) -> str:
             name = f"{base}_{variant}"
             r = measured["results"][name]
             cell = r["status"]
-            if r["message"]:
-                if r["message"] not in notes:
-                    notes.append(r["message"])
-                cell += f" [{notes.index(r['message']) + 1}]"
+            message = r["message"].replace(name, "<Name>")  # one note for a reason
+            if message:
+                if message not in notes:
+                    notes.append(message)
+                cell += f" [{notes.index(message) + 1}]"
             if base in LOOP:
                 cell += " (gaqat train)"
             canonical = generic.ALIASES.get(name) or (generic.PLUGIN_BASES.get(base)

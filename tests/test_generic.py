@@ -6,12 +6,16 @@ exactly one param group at ``scale_lr`` without weight decay (in every optimizer
 steps, those rebuilt or made inside an update included), moves every scale in two updates, and
 round-trips its ``state_dict`` strictly; what cannot work is refused when built, naming why."""
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from domainbed import algorithms as db_algorithms
 from domainbed import hparams_registry, networks
 from domainbed.lib import wide_resnet
-from support.helpers import tiny_hparams
+from support.helpers import PYTHON, run, tiny_hparams
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from domainbed_gaqat.plugin import generic
@@ -333,3 +337,61 @@ def test_second_stage_from_domainbeds_own_model_at_224_pixels(tmp_path, monkeypa
     for key, value in theirs.state_dict().items():
         assert torch.equal(own[key], value), key
     ours.update([(torch.randn(BATCH, *SHAPE), torch.tensor([0, 1]))] * N_DOMAINS)
+
+
+# --- DomainBed's own scripts ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_domainbeds_sweep_and_collect_results_on_generic_names(tmp_path):
+    """``python -m domainbed.scripts.sweep launch --algorithms CORAL_LSQ Mixup_LSQ`` (DomainBed's
+    local launcher, its train.py) and ``collect_results``: the rows of both, each test env's
+    number the training-domain validation choice among the runs' own records."""
+    out = tmp_path / "sweep"
+    run([PYTHON, "-m", "domainbed.scripts.sweep", "launch", "--datasets", "Debug28",
+         "--algorithms", "CORAL_LSQ", "Mixup_LSQ", "--n_hparams", "1", "--n_trials", "1",
+         "--single_test_envs", "--steps", "2", "--command_launcher", "local",
+         "--skip_confirmation", "--output_dir", str(out), "--data_dir", str(tmp_path)],
+        timeout=1800)
+    folders = [p for p in out.iterdir() if p.is_dir()]
+    assert len(folders) == 6 and all((f / "done").exists() for f in folders)
+    report = run([PYTHON, "-m", "domainbed.scripts.collect_results", "--input_dir",
+                  str(out)]).stdout
+    assert "Total records: 12" in report  # 6 runs, steps 0 and 1
+    section = report.split("Dataset: Debug28, model selection method: training-domain "
+                           "validation set")[1].split("--------")[0]
+    for algorithm in ("CORAL_LSQ", "Mixup_LSQ"):
+        expected = {}
+        for folder in folders:
+            records = [json.loads(line)
+                       for line in (folder / "results.jsonl").read_text().splitlines()]
+            if records[0]["args"]["algorithm"] == algorithm:
+                assert "a_bits" in records[0]["hparams"]  # the run's hparams are LSQ's
+                [env] = records[0]["args"]["test_envs"]
+                best = max(records, key=lambda r: np.mean(
+                    [r[f"env{i}_out_acc"] for i in range(3) if i != env]))
+                expected[env] = round(100 * best[f"env{env}_in_acc"], 1)
+        [row] = [line.split() for line in section.splitlines() if line.startswith(algorithm)]
+        assert [float(row[1 + 3 * e]) for e in range(3)] == [expected[e] for e in range(3)]
+
+
+@pytest.mark.slow
+def test_coverage_page_is_what_the_runs_give(tmp_path):
+    """docs/coverage.md's table equals what ``scripts/coverage.py`` measures now: every
+    algorithm x variant trained for two steps through DomainBed's train.py (SWAD and one
+    more through gaqat train). The page was measured on a CPU machine without backpack."""
+    if torch.cuda.is_available() or db_algorithms.backpack is not None:
+        pytest.skip("the page is measured without CUDA and backpack (TRM, RDM, Fishr fail)")
+    repo = Path(__file__).resolve().parents[1]
+    proc = run([PYTHON, str(repo / "scripts" / "coverage.py"), "--output_dir",
+                str(tmp_path / "runs"), "--check", str(repo / "docs" / "coverage.md")],
+               check=False, timeout=3600, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("base", ["ANDMask", "SANDMask", "IGA"])
+def test_a_later_quant_start_is_refused_where_every_parameter_is_differentiated(base):
+    """Before ``quant_start`` a quantizer is the identity and its scale is not in the graph;
+    these updates take ``autograd.grad`` of every parameter (no ``allow_unused``)."""
+    with pytest.raises(ValueError, match=f"{base}_QTDoG is not supported: quant_start 1: "):
+        _build(f"{base}_QTDoG", quant_start=1)

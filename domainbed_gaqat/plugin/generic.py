@@ -58,6 +58,10 @@ REFUSED: dict[tuple[str, str], str] = {
        "(misc.ParamDict, a negation among them), which the quantizers' bool flags do not "
        "support; and every update steps a fresh copy" for v in ("LSQ", "QTDoG")},
 }
+# Refused with QT-DoG's quantization switched on later than the first update: their update
+# differentiates every parameter (autograd.grad without allow_unused), and a quantizer that is
+# still the identity leaves its scale out of the graph. With quant_start 0 they work.
+ALL_PARAMETERS = ("ANDMask", "SANDMask", "IGA")
 
 
 def split(name: str) -> tuple[str, str] | None:
@@ -137,6 +141,11 @@ class OnSharedFeaturizer:
         refused = REFUSED.get((self.SPEC.base, variant))
         if refused is None and hparams.get("qtdog_release", False):
             refused = "qtdog_release reproduces the release of QT-DoG with ERM (QTDoG) only"
+        if refused is None and self.SPEC.base in ALL_PARAMETERS and hparams.get(
+                "quant_start", 0) > 0:
+            refused = (f"quant_start {hparams['quant_start']}: {self.SPEC.base}'s update "
+                       "differentiates every parameter, and before quant_start the scales are "
+                       "not in the graph (quant_start 0 works)")
         if refused:
             raise ValueError(f"{name} is not supported: {refused}")
         self._policy = quant_policy(hparams) if self.SPEC.quantized else None
