@@ -85,15 +85,16 @@ def member_model(run: RunFolder, rule: str) -> str:
 
 @torch.no_grad()
 def ensemble_accuracy(models: list, split, device: str) -> float:
-    """Accuracy of the summed logits on a split, read in order in batches of 64."""
+    """Accuracy of the summed logits on a split, read in order in batches of 64 (counted on
+    the device, read by the host once)."""
     loader = torch.utils.data.DataLoader(split, batch_size=64, shuffle=False)
-    correct = total = 0
+    correct, total = 0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = sum(model.predict(x) for model in models)
-        correct += int((logits.argmax(1) == y).sum())
+        correct = correct + (logits.argmax(1) == y).sum()
         total += len(y)
-    return correct / total
+    return int(correct) / total
 
 
 def evaluate(run_dirs: list[str], rule: str = "train", device: str | None = None,

@@ -63,14 +63,16 @@ def filter_normalized_direction(weights: Sequence[torch.Tensor], generator: torc
 
 @torch.no_grad()
 def loss_and_accuracy(algorithm: nn.Module, batches) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``batches`` (algorithm in eval mode)."""
-    total, correct, n = 0.0, 0, 0
+    """Mean cross-entropy and accuracy over ``batches`` (algorithm in eval mode), summed on
+    the device and read by the host once."""
+    total, n = 0.0, 0
     for x, y in batches:
         logits = algorithm.predict(x)
-        total += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        total = total + torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                     (logits.argmax(1) == y).sum().double()])
         n += len(y)
-    return total / n, correct / n
+    loss, correct = total.tolist()
+    return loss / n, correct / n
 
 
 def coordinates(extent: float, points: int) -> np.ndarray:

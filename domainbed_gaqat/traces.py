@@ -35,6 +35,7 @@ from domainbed_gaqat.progress import track
 from domainbed_gaqat.quant.modules import quantizers
 
 GROUPS = ("stem", "layer1", "layer2", "layer3", "layer4")
+SUMS = ("g_task", "g_smooth", "g_applied", "frozen_steps")  # per block, in observe's order
 TABLES = ("grads", "disorder")
 FIGURES = ("gradients.png", "disorder.png", "freezing.png")
 
@@ -50,7 +51,9 @@ class TraceRecorder:
 
     ``rows`` get one entry per scale and block of ``every`` steps (the last block may be
     shorter); ``disorder_rows`` one per scale, stream and closed window of ``K`` steps.
-    Call :meth:`close` to remove the hook (and flush a partial block).
+    Call :meth:`close` to remove the hook (and flush a partial block). The trackers and the
+    block sums live on the algorithm's device; the host reads them once per block, when it is
+    flushed (windows closed within a block are read then too): no host sync per step.
     """
 
     def __init__(self, algorithm: nn.Module, every: int, K: int) -> None:
@@ -67,55 +70,52 @@ class TraceRecorder:
         self.algorithm, self.every, self.scales = algorithm, every, list(algorithm.scales)
         self.labels = [scale_label(n) for n, _ in named]
         self.names = [n for n, _ in named]
-        n = len(named)
+        n, device = len(named), self.scales[0].device
         self.split = "sagm" in spec.families  # two gradient streams
         self.freezing = "gaqat" in spec.families
-        self.trackers = {"task": DisorderTracker(n, K)}
+        self.trackers = {"task": DisorderTracker(n, K, device)}
         if self.split:
-            self.trackers["smooth"] = DisorderTracker(n, K)
+            self.trackers["smooth"] = DisorderTracker(n, K, device)
         self.step, self.rows, self.disorder_rows = 0, [], []
-        self._reset_block()
+        self._sums = torch.zeros(len(SUMS), n, dtype=torch.float64, device=device)
+        self._block_steps = 0
+        self._windows: list[tuple[str, int, torch.Tensor]] = []  # closed, not yet read
         self._hook = algorithm.register_scale_gradient_hook(
             lambda g: self.observe(g.task, g.smooth, g.applied, g.frozen))
-
-    def _reset_block(self) -> None:
-        zeros = torch.zeros(len(self.scales), dtype=torch.float64)
-        self._sums = {"g_task": zeros.clone(), "g_smooth": zeros.clone(),
-                      "g_applied": zeros.clone(), "frozen_steps": zeros.clone()}
-        self._block_steps = 0
 
     @torch.no_grad()
     def observe(self, g_task: torch.Tensor, g_smooth: torch.Tensor | None,
                 applied: torch.Tensor, frozen: torch.Tensor | None) -> None:
         """Add one update's gradients (``frozen``: the flags in effect for this update)."""
-        sums = self._sums
-        sums["g_task"] += g_task.double().cpu()
-        sums["g_applied"] += applied.double().cpu()
-        if g_smooth is not None:
-            sums["g_smooth"] += g_smooth.double().cpu()
-        if frozen is not None:
-            sums["frozen_steps"] += frozen.double().cpu()
+        for row, value in enumerate((g_task, g_smooth, applied, frozen)):
+            if value is not None:
+                self._sums[row] += value
         self.step += 1
         self._block_steps += 1
         for stream, grad in (("task", g_task), ("smooth", g_smooth)):
             if stream in self.trackers and self.trackers[stream].observe(grad):
-                self._record_disorder(stream, self.trackers[stream].disorder.tolist())
+                self._windows.append((stream, self.step,
+                                      self.trackers[stream].disorder.clone()))
         if self._block_steps == self.every:
             self._flush()
 
-    def _record_disorder(self, stream: str, values: list[float]) -> None:
+    def _record_disorder(self, stream: str, step: int, values: list[float]) -> None:
         window = sum(r["stream"] == stream for r in self.disorder_rows) // len(self.names) + 1
         for name, label, value in zip(self.names, self.labels, values):
-            self.disorder_rows.append({"step": self.step, "window": window, "quantizer": name,
+            self.disorder_rows.append({"step": step, "window": window, "quantizer": name,
                                        "label": label, "group": layer_group(label),
                                        "kind": label[-1], "stream": stream, "disorder": value})
 
     def _flush(self) -> None:
+        """Read the block (and the windows closed in it) on the host, in one copy."""
         if self._block_steps == 0:
             return
         block = len(self.rows) // len(self.names) + 1
-        columns = {k: v.tolist() for k, v in self._sums.items()}
-        scales = [s.item() for s in self.scales]
+        host = torch.cat([self._sums, torch.stack(self.scales).double()[None],
+                          *(d.double()[None] for _, _, d in self._windows)]).tolist()
+        columns, scales = dict(zip(SUMS, host)), host[len(SUMS)]
+        for (stream, step, _), values in zip(self._windows, host[len(SUMS) + 1:]):
+            self._record_disorder(stream, step, values)
         for i, (name, label) in enumerate(zip(self.names, self.labels)):
             self.rows.append({
                 "step": self.step, "block": block, "steps_in_block": self._block_steps,
@@ -125,7 +125,8 @@ class TraceRecorder:
                 "g_applied": columns["g_applied"][i],
                 "frozen_steps": (columns["frozen_steps"][i] if self.freezing
                                  else float("nan"))})
-        self._reset_block()
+        self._sums.zero_()
+        self._block_steps, self._windows = 0, []
 
     def close(self) -> None:
         """Flush a partial block and remove the hook."""

@@ -78,13 +78,15 @@ def test_lsq_function_channels_last_and_input_without_grad():
 
 
 def test_bf16_input_is_quantized_in_float32():
+    """A bf16 input is quantized in the float32 scale's precision and returned in bf16 (the
+    float32 result rounded once); its gradients are the float32 input's, dL/dv in bf16."""
     lower, upper = integer_range(4, signed=False)
     v = _values((4, 8, 5, 5), lower, upper, 0.3).bfloat16()
-    grad_out = torch.randn(v.shape).bfloat16().float()  # representable in bf16
+    grad_out = torch.randn(v.shape).bfloat16()
     low = _run(lsq_quantize, v, torch.tensor(0.3), lower, upper, 0.1, grad_out)
-    full = _run(lsq_quantize, v.float(), torch.tensor(0.3), lower, upper, 0.1, grad_out)
-    assert low[0].dtype == torch.float32 and low[1].dtype == torch.bfloat16
-    assert torch.equal(low[0], full[0]) and torch.equal(low[2], full[2])
+    full = _run(lsq_quantize, v.float(), torch.tensor(0.3), lower, upper, 0.1, grad_out.float())
+    assert low[0].dtype == low[1].dtype == torch.bfloat16 and low[2].dtype == torch.float32
+    assert torch.equal(low[0], full[0].bfloat16()) and torch.equal(low[2], full[2])
     assert torch.equal(low[1].float(), full[1])
 
 

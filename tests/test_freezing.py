@@ -212,6 +212,25 @@ def test_step_counter_is_exact_at_any_step() -> None:
     assert int(tracker.step) == start + 4
 
 
+def test_flips_count_beyond_256_in_a_freezer_cast_to_bf16() -> None:
+    """A freezer cast to bf16 (as ``model.to(torch.bfloat16)`` casts it) with DomainNet's
+    K = 3000: a scale whose task gradient flips every step has disorder 2999/3000 at the first
+    window and stays unfrozen (a bf16 counter stops at 256: disorder 0.085, frozen); one that
+    flips every 10th step has 300/3000, one that never flips 0 (Algorithm 1's reference)."""
+    K, r, steps = 3000, 0.25, 3001
+    freezer = ScaleFreezer(3, K, r).to(torch.bfloat16)
+    assert freezer.tracker.flips.dtype == torch.long
+    assert freezer.tracker.disorder.dtype == freezer.tracker.prev_sign.dtype == torch.float32
+    g_task = [[(-1.0) ** t, 0.5, (-1.0) ** (t // 10)] for t in range(steps)]
+    g_smooth = [[0.25, 0.25, 0.25]] * steps
+    got = run_freezer(freezer, g_task, g_smooth)
+    expected = schedule_reference(g_task, g_smooth, K, r, "gaqat")
+    assert expected["disorder"][-1] == [Fraction(2999, 3000), 0, Fraction(300, 3000)]
+    assert got["frozen"][-1] == expected["frozen"][-1] == [False, True, True]
+    assert got["disorder"][-1] == pytest.approx([float(d) for d in expected["disorder"][-1]],
+                                                abs=1e-7)
+
+
 # --- on a real GAQAT instance ----------------------------------------------------------------
 
 

@@ -144,3 +144,16 @@ def test_update_returns_json_serialisable_floats(calibrated, minibatches, name):
     assert out and all(type(v) is float for v in out.values())
     assert not [k for k in out if k in RESERVED or k.startswith("env")]
     assert out["loss"] == pytest.approx(expected, rel=1e-5)  # the loss before the step
+
+
+def test_update_is_update_tensors_read_once(calibrated, minibatches):
+    """``update_tensors`` (what a sync-free training loop calls) takes the same step as
+    ``update`` and returns its statistics as 0-d tensors, the same keys and values."""
+    first, second = copy.deepcopy(calibrated), copy.deepcopy(calibrated)
+    floats = first.update(minibatches, None)
+    tensors = second.update_tensors(minibatches, None)
+    assert list(tensors) == list(floats)
+    assert all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in tensors.values())
+    assert {k: t.item() for k, t in tensors.items()} == floats
+    for p, q in zip(first.parameters(), second.parameters()):
+        assert torch.equal(p, q)

@@ -26,6 +26,7 @@ from domainbed_gaqat.quant.lsq import LSQFunction, lsq_quantize
 from domainbed_gaqat.quant.modules import (
     LSQQuantizer,
     QuantConv2d,
+    check_initialization,
     quantization_disabled,
     set_quantization,
 )
@@ -299,13 +300,39 @@ def test_mse_scale_grid_is_relative_to_the_tensor(magnitude: float) -> None:
 
 
 def test_mse_scale_degenerate_inputs() -> None:
+    """All zero: scale 1. An inf/nan value (-inf below an unsigned grid too): a NaN scale, the
+    marker the quantizer's check reads (no host sync in the range initialisation); per channel,
+    only that channel's."""
     assert mse_scale(torch.zeros(10), -8, 7).item() == 1.0
     assert mse_scale(-torch.rand(10), 0, 15).item() == 1.0  # nothing above zero to quantize
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for lower, upper in ((-8, 7), (0, 15)):
+            assert mse_scale(torch.tensor([1.0, bad]), lower, upper).isnan()
+        assert lsq_init_scale(torch.tensor([1.0, bad]), 7).isnan()
+        rows = torch.tensor([[1.0, 2.0], [1.0, bad]])
+        for init in (lambda v: mse_scale(v, -8, 7, channel_axis=0),
+                     lambda v: lsq_init_scale(v, 7, channel_axis=0)):
+            scales = init(rows).flatten()
+            assert scales[0].isfinite() and scales[0] > 0 and scales[1].isnan()
+
+
+@pytest.mark.parametrize("is_weight", [True, False])
+def test_quantizer_refuses_to_initialise_from_non_finite_values(is_weight: bool) -> None:
+    """On the CPU the forward that initialises raises at once; a quantizer's check reports
+    once; :func:`check_initialization` names the quantizers (what a training step calls where
+    the device answers later)."""
     message = "^cannot initialise a quantizer scale from a tensor with inf/nan values$"
-    for init in (lambda v: mse_scale(v, -8, 7), lambda v: lsq_init_scale(v, 7)):
-        for bad in (float("nan"), float("inf")):
-            with pytest.raises(ValueError, match=message):
-                init(torch.tensor([1.0, bad]))
+    q = LSQQuantizer(QuantConfig(4, True), is_weight=is_weight)
+    with pytest.raises(ValueError, match=message):
+        q(torch.tensor([1.0, float("nan")]))
+    assert not q.initialization_failed(wait=True)  # reported once
+    ok, bad = (LSQQuantizer(QuantConfig(4, True), is_weight=is_weight) for _ in range(2))
+    with torch.no_grad():
+        ok.initialize(torch.tensor([1.0, -2.0]))
+        bad.initialize(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match=message[:-1] + ": layer1.w_quant$"):
+        check_initialization([("layer0.w_quant", ok), ("layer1.w_quant", bad)])
+    check_initialization([("layer0.w_quant", ok), ("layer1.w_quant", bad)])  # read already
 
 
 @pytest.mark.parametrize("best_k", [1, 100])

@@ -5,11 +5,17 @@ For a window of ``K`` gradients ``g_1..g_K`` of one scale,
 Every ``K`` steps (``t mod K == 0``, ``t > 0``: at ``t = 0`` no window exists yet) the disorder of
 each scale's task gradient over steps ``t-K+1..t`` decides its freeze flag for the next ``K``
 steps. A frozen scale is updated by ``g_smooth`` only. All state is in buffers, so a
-``state_dict`` round-trip resumes the schedule exactly; the step is pure tensor work.
+``state_dict`` round-trip resumes the schedule exactly; the step is pure tensor work, without a
+host sync. The state is made on the device it is asked for; the flip counter is an integer
+(a bf16 one would stop at 256: with K = 3000 every scale would freeze) and the floating-point
+state stays float32 when a model is cast to 16 bits
+(:class:`~domainbed_gaqat.quant.precision.Float32State`).
 """
 
 import torch
 from torch import nn
+
+from domainbed_gaqat.quant.precision import Float32State
 
 FREEZE_RULES = ("gaqat", "reverse", "no_unfreeze")
 
@@ -28,18 +34,18 @@ def freeze_decision(disorder: torch.Tensor, frozen: torch.Tensor, r: float,
     raise ValueError(f"freeze rule {rule!r}: expected one of {FREEZE_RULES}")
 
 
-class DisorderTracker(nn.Module):
+class DisorderTracker(Float32State):
     """Counts sign flips of a stream of gradient vectors over windows of ``K`` steps."""
 
-    def __init__(self, n: int, K: int) -> None:
+    def __init__(self, n: int, K: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not isinstance(K, int) or K < 2:
             raise ValueError(f"K (disorder window) must be an integer >= 2, got {K!r}")
         self.K = K
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("flips", torch.zeros(n))
-        self.register_buffer("prev_sign", torch.zeros(n))
-        self.register_buffer("disorder", torch.zeros(n))  # last completed window
+        self.register_buffer("step", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("flips", torch.zeros(n, dtype=torch.long, device=device))
+        self.register_buffer("prev_sign", torch.zeros(n, device=device))
+        self.register_buffer("disorder", torch.zeros(n, device=device))  # last completed window
         self._step = 0  # host mirror of ``step``: no device sync per step
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -66,13 +72,14 @@ class DisorderTracker(nn.Module):
 class ScaleFreezer(nn.Module):
     """Algorithm 1: per-scale freeze flags driven by the task-gradient disorder."""
 
-    def __init__(self, n: int, K: int, r: float, rule: str = "gaqat") -> None:
+    def __init__(self, n: int, K: int, r: float, rule: str = "gaqat",
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         if rule not in FREEZE_RULES:
             raise ValueError(f"freeze rule {rule!r}: expected one of {FREEZE_RULES}")
         self.r, self.rule = r, rule
-        self.tracker = DisorderTracker(n, K)
-        self.register_buffer("frozen", torch.zeros(n, dtype=torch.bool))
+        self.tracker = DisorderTracker(n, K, device)
+        self.register_buffer("frozen", torch.zeros(n, dtype=torch.bool, device=device))
 
     @torch.no_grad()
     def combine(self, g_task: torch.Tensor, g_smooth: torch.Tensor) -> torch.Tensor:

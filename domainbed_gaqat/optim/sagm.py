@@ -7,7 +7,7 @@
 
 Quantizer scales are not perturbed (Eq. 1 perturbs ``theta`` only) and ``||g||`` excludes them;
 their two gradients are returned apart, ``g_task`` (clean pass) and ``g_smooth`` (perturbed
-pass), as stacked vectors so the caller can combine them per scale on the device.
+pass), as flat vectors so the caller can combine them per scale on the device.
 """
 
 from collections.abc import Callable, Sequence
@@ -42,9 +42,9 @@ def _grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def flat_grads(params: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The parameters' gradients in one vector (zeros where none; a per-channel scale is
-    several entries)."""
-    return torch.cat([g.reshape(-1) for g in _grads(params)]) if params else torch.zeros(0)
+    """The gradients of (at least one of) ``params`` in one vector (zeros where none; a
+    per-channel scale is several entries)."""
+    return torch.cat([g.reshape(-1) for g in _grads(params)])
 
 
 def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
@@ -63,7 +63,7 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
     loss = loss_fn()
     loss.backward()
     g = _grads(weights)  # kept as they are: the second backward allocates fresh gradients
-    g_task = flat_grads(scales)
+    g_task = flat_grads(scales) if scales else loss.new_zeros(0, dtype=torch.float32)
 
     with torch.no_grad():
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
@@ -82,5 +82,5 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
         torch._foreach_lerp_(g_p, g, 0.5)  # g_p + 0.5 * (g - g_p) = 0.5 * g + 0.5 * g_p
         for w, grad in zip(weights, g_p):
             w.grad = grad
-    g_smooth = flat_grads(scales)
+    g_smooth = flat_grads(scales) if scales else torch.zeros_like(g_task)
     return loss.detach(), g_task, g_smooth

@@ -27,7 +27,12 @@ from domainbed_gaqat.plugin.hooks import require_loop
 from domainbed_gaqat.plugin.hparams import validate
 from domainbed_gaqat.plugin.initial_weights import initialize, load_earlier_stage
 from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm, specs
-from domainbed_gaqat.quant.modules import QuantConv2d, quantizers, set_quantization
+from domainbed_gaqat.quant.modules import (
+    QuantConv2d,
+    check_initialization,
+    quantizers,
+    set_quantization,
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,8 @@ class FeaturizerAlgorithm(Algorithm):
         self.classifier = nn.Linear(self.featurizer.n_outputs, num_classes)
         initialize(self.featurizer, hparams)
         load_earlier_stage(self, hparams, ("featurizer", "classifier"))
-        self.scales = [q.scale for _, q in quantizers(self)]
+        self._quantizers = list(quantizers(self))
+        self.scales = [q.scale for _, q in self._quantizers]
         scale_ids = {id(s) for s in self.scales}
         self.weights = [p for p in self.parameters() if p.requires_grad and id(p) not in scale_ids]
         self.optimizer = torch.optim.Adam(self.weights + self.scales, lr=hparams["lr"],
@@ -88,11 +94,21 @@ class FeaturizerAlgorithm(Algorithm):
         """One optimisation step; returns 0-d tensors and never synchronises with the host."""
         raise NotImplementedError
 
-    def update(self, minibatches, unlabeled=None) -> dict[str, float]:
+    def update_tensors(self, minibatches, unlabeled=None) -> dict[str, torch.Tensor]:
+        """DomainBed's ``update`` without its host sync: the step's statistics as 0-d tensors
+        on the device. A training loop that averages them there reads them when it syncs
+        anyway (at checkpoints). Range initialisation errors of earlier steps are raised here
+        once the device has finished those steps (no waiting)."""
+        check_initialization(self._quantizers)
         x = torch.cat([x for x, _ in minibatches])
         y = torch.cat([y for _, y in minibatches])
-        stats = self.step(x, y)
+        return self.step(x, y)
+
+    def update(self, minibatches, unlabeled=None) -> dict[str, float]:
+        """DomainBed's ``update``: :meth:`update_tensors` and one host sync for the floats."""
+        stats = self.update_tensors(minibatches, unlabeled)
         values = torch.stack(list(stats.values())).tolist()  # the step's only host sync
+        check_initialization(self._quantizers)  # this step's, readable after that sync
         return dict(zip(stats, values))
 
 
@@ -169,7 +185,7 @@ class GAQAT(SAGM_LSQ):
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.freezer = ScaleFreezer(len(self.scales), hparams["gaqat_K"], hparams["gaqat_r"],
-                                    self.FREEZE_RULE)
+                                    self.FREEZE_RULE, device=self.scales[0].device)
 
     def scale_grads(self, g_task, g_smooth):
         return self.freezer.combine(g_task, g_smooth)
@@ -347,7 +363,7 @@ class WithSWAD:
             print(f"SWAD: converged at step {valley.converge_step}, threshold "
                   f"{valley.threshold:.6f}")
         if dead:
-            print(f"SWAD: the loss valley is dead at step {step}: the run may end here")
+            print(f"SWAD: the loss valley is dead at step {step}: the run ends here")
         return dead
 
     def on_train_end(self, minibatches) -> None:

@@ -43,7 +43,7 @@ from domainbed_gaqat.plugin.featurizer import Featurizer, building, quant_policy
 from domainbed_gaqat.plugin.hparams import validate
 from domainbed_gaqat.plugin.initial_weights import initialize, load_earlier_stage
 from domainbed_gaqat.plugin.registry import algorithm
-from domainbed_gaqat.quant.modules import quantizers
+from domainbed_gaqat.quant.modules import check_initialization, quantizers
 
 VARIANTS = ("FP", "LSQ", "QTDoG")
 NAME = re.compile(r"^(?P<base>\w+?)_(?P<variant>FP|LSQ|QTDoG)$")
@@ -152,7 +152,8 @@ class OnSharedFeaturizer:
         with building(functools.partial(self._featurizer, initial=True)):
             super().__init__(input_shape, num_classes, num_domains, hparams)
         load_earlier_stage(self, hparams)
-        self.scales = [q.scale for _, q in quantizers(self)]
+        self._quantizers = list(quantizers(self))
+        self.scales = [q.scale for _, q in self._quantizers]
         for optimizer in optimizers(self) if self.scales else ():
             separate_scales(optimizer, hparams["scale_lr"])
 
@@ -172,11 +173,15 @@ class OnSharedFeaturizer:
         return featurizer
 
     def update(self, minibatches, unlabeled=None):
+        """DomainBed's update; a range initialisation that met inf/nan values is an error
+        (DomainBed's update has read its losses: the device is done)."""
         with building(functools.partial(self._featurizer, initial=False)):
             if not self.scales:
                 return super().update(minibatches, unlabeled)
             with scales_in_their_group(self.hparams["scale_lr"]):
-                return super().update(minibatches, unlabeled)
+                stats = super().update(minibatches, unlabeled)
+        check_initialization(self._quantizers, wait=True)
+        return stats
 
 
 class QuantStartUpdates(QuantStart):

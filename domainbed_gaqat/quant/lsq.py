@@ -41,14 +41,16 @@ class LSQFunction(torch.autograd.Function):
 
 
 def _promote(v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``v`` in at least the scale's precision: under bf16 autocast the quantizer computes in
-    float32 (``round(x) - x`` in bf16 would swamp the scale gradient); a no-op otherwise."""
+    """``v`` in at least the scale's precision (float32): a bf16 ``v`` (under bf16 autocast, or
+    in a model cast to bf16) is quantized in float32, since ``round(x) - x`` in bf16 would swamp
+    the scale gradient; a no-op otherwise. Forward and backward both compute so."""
     return v.to(torch.promote_types(v.dtype, scale.dtype))
 
 
 def _forward(v: torch.Tensor, scale: torch.Tensor, lower: int, upper: int) -> torch.Tensor:
-    """``clamp(round(v / s), l, u) * s`` in one buffer (the ops of the formula, in place)."""
-    return (_promote(v, scale) / scale).round_().clamp_(lower, upper).mul_(scale)
+    """``clamp(round(v / s), l, u) * s`` in one buffer (the ops of the formula, in place),
+    returned in ``v``'s dtype (bf16 in, bf16 out: the cast the next bf16 conv would make)."""
+    return (_promote(v, scale) / scale).round_().clamp_(lower, upper).mul_(scale).to(v.dtype)
 
 
 def _backward(grad_out: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, lower: int,

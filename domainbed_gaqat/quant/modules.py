@@ -5,11 +5,14 @@ A quantizer is built from a :class:`~domainbed_gaqat.quant.config.QuantConfig`; 
 switched off and on (:func:`set_quantization`, :func:`quantization_disabled`): off, it is the
 exact identity. Scales are :class:`Scale` parameters from construction on and the
 ``initialized`` / ``enabled`` flags are buffers, so ``state_dict`` round-trips with
-``strict=True`` in every state.
+``strict=True`` in every state. Everything is created on the device it is asked for (a quantized
+layer: its float layer's), scales stay float32 when a model is cast to 16 bits
+(:class:`~.precision.Float32State`), and no step synchronises with the host, range
+initialisation included (:func:`check_initialization`).
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -18,7 +21,10 @@ from torch import nn
 
 from domainbed_gaqat.quant.config import QuantConfig
 from domainbed_gaqat.quant.lsq import lsq_quantize
-from domainbed_gaqat.quant.range_init import lsq_init_scale, mse_scale
+from domainbed_gaqat.quant.precision import Float32State
+from domainbed_gaqat.quant.range_init import FiniteCheck, lsq_init_scale, mse_scale
+
+INIT_ERROR = "cannot initialise a quantizer scale from a tensor with inf/nan values"
 
 
 class Scale(nn.Parameter):
@@ -35,14 +41,16 @@ class Scale(nn.Parameter):
     """
 
 
-class LSQQuantizer(nn.Module):
+class LSQQuantizer(Float32State):
     """LSQ fake quantizer of one tensor (paper sec. 2.1): a weight (``is_weight``, per tensor,
     or per output channel with ``channels`` scales) or a layer input (per tensor).
 
     The scale is set by ``config.range_init`` on the first forward while enabled: for weights
     from the weights, for activations from the first (training) batch. The scale is float32 on
     ``device`` whatever the quantized tensor's dtype (the quantizer computes in at least
-    float32, :func:`~domainbed_gaqat.quant.lsq.lsq_quantize`).
+    float32, :func:`~domainbed_gaqat.quant.lsq.lsq_quantize`). A tensor with inf/nan values is
+    an error (``ValueError``), raised as soon as the host can tell without waiting for the
+    device: in that forward on the CPU, later on a GPU (:func:`check_initialization`).
     """
 
     def __init__(self, config: QuantConfig, is_weight: bool, channels: int | None = None,
@@ -58,6 +66,7 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("enabled", torch.tensor(config.enabled, device=device))
         self._initialized, self._enabled = False, config.enabled  # host mirrors: no device sync
+        self._check: FiniteCheck | None = None  # of the range initialisation, until read
 
     @property
     def bits(self) -> int:
@@ -75,6 +84,7 @@ class LSQQuantizer(nn.Module):
             state_dict[prefix + "enabled"] = torch.tensor(True)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         self._initialized, self._enabled = bool(self.initialized), bool(self.enabled)
+        self._check = None
 
     def set_enabled(self, enabled: bool) -> None:
         """Quantize (True) or pass the input through unchanged (False)."""
@@ -110,12 +120,24 @@ class LSQQuantizer(nn.Module):
         self.scale.copy_(scale.reshape(self.scale.shape))
         self.initialized.fill_(True)
         self._initialized = True
+        self._check = FiniteCheck(self.scale)
+
+    def initialization_failed(self, wait: bool = False) -> bool:
+        """True if the range initialisation is known to have met inf/nan values (a NaN scale);
+        False if it succeeded or is not known yet (``wait``: wait for the device to know).
+        Once known, the check is dropped: it reports a failure once."""
+        if self._check is None or not (wait or self._check.ready()):
+            return False
+        check, self._check = self._check, None
+        return not check.finite()
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if not self._enabled:
             return v
         if not self._initialized:
             self.initialize(v)
+            if self.initialization_failed():
+                raise ValueError(INIT_ERROR)
         return lsq_quantize(v, self._scale(v), self.lower, self.upper, self.grad_scale(v))
 
     def integers(self, v: torch.Tensor) -> torch.Tensor:
@@ -203,6 +225,16 @@ def _linear_args(linear: nn.Linear) -> dict:
 def quantizers(module: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
     """``(name, quantizer)`` pairs in forward order, e.g. ``("layer1.0.conv1.w_quant", q)``."""
     return ((n, m) for n, m in module.named_modules() if isinstance(m, LSQQuantizer))
+
+
+def check_initialization(named: Iterable[tuple[str, LSQQuantizer]], wait: bool = False) -> None:
+    """Raise ``ValueError`` naming the quantizers whose range initialisation met inf/nan
+    values, among those the host can tell without waiting for the device (all with ``wait``).
+    No host sync: on a GPU a failure is reported a step or so after it happened, at the first
+    call that finds the device done (the training steps call it; see docs/performance.md)."""
+    failed = [name for name, q in named if q.initialization_failed(wait)]
+    if failed:
+        raise ValueError(f"{INIT_ERROR}: {', '.join(failed)}")
 
 
 def set_quantization(module: nn.Module, enabled: bool) -> None:
