@@ -170,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     measured = table(measure(data_dir, args.output_dir, args.jobs))
     print(measured)
     if args.write:
+        from domainbed_gaqat.experiments.outputs import write_text
+
         with open(args.write) as f:
             page = f.read()
-        with open(args.write, "w") as f:
-            f.write(replace_block(page, measured))
+        write_text(args.write, replace_block(page, measured), overwrite=True)  # atomic
     if args.check:
         with open(args.check) as f:
             written = f.read().split(BEGIN + "\n", 1)[1].split(END, 1)[0]

@@ -70,6 +70,28 @@ def split(name: str) -> tuple[str, str] | None:
     return (match["base"], match["variant"]) if match else None
 
 
+def refusal(name: str, hparams: dict) -> str | None:
+    """Why the generic algorithm ``name`` cannot run with ``hparams`` (its build raises
+    ``ValueError: <name> is not supported: <why>``), or None. DomainBed's own requirements
+    (a GPU, an optional package) are not the plugin's to refuse.
+
+    >>> refusal("CORAL_LSQ", {}) is None, refusal("IGA_QTDoG", {"quant_start": 0}) is None
+    (True, True)
+    >>> refusal("IGA_QTDoG", {"quant_start": 1}).startswith("quant_start 1: IGA's update")
+    True
+    """
+    base, variant = split(name)
+    if (base, variant) in REFUSED:
+        return REFUSED[base, variant]
+    if hparams.get("qtdog_release", False):
+        return "qtdog_release reproduces the release of QT-DoG with ERM (QTDoG) only"
+    if base in ALL_PARAMETERS and hparams.get("quant_start", 0) > 0:
+        return (f"quant_start {hparams['quant_start']}: {base}'s update differentiates every "
+                "parameter, and before quant_start the scales are not in the graph "
+                "(quant_start 0 works)")
+    return None
+
+
 def domainbed_bases() -> list[str]:
     """DomainBed's own algorithms (its ``ALGORITHMS`` without the plugin's)."""
     return [n for n in domainbed_algorithms.ALGORITHMS
@@ -136,18 +158,10 @@ class OnSharedFeaturizer:
     SPEC = None  # set by @algorithm on the generated class
 
     def __init__(self, input_shape, num_classes, num_domains, hparams):
-        name, variant = self.SPEC.name, split(self.SPEC.name)[1]
         validate(self.SPEC, hparams)
-        refused = REFUSED.get((self.SPEC.base, variant))
-        if refused is None and hparams.get("qtdog_release", False):
-            refused = "qtdog_release reproduces the release of QT-DoG with ERM (QTDoG) only"
-        if refused is None and self.SPEC.base in ALL_PARAMETERS and hparams.get(
-                "quant_start", 0) > 0:
-            refused = (f"quant_start {hparams['quant_start']}: {self.SPEC.base}'s update "
-                       "differentiates every parameter, and before quant_start the scales are "
-                       "not in the graph (quant_start 0 works)")
-        if refused:
-            raise ValueError(f"{name} is not supported: {refused}")
+        reason = refusal(self.SPEC.name, hparams)
+        if reason:
+            raise ValueError(f"{self.SPEC.name} is not supported: {reason}")
         self._policy = quant_policy(hparams) if self.SPEC.quantized else None
         with building(functools.partial(self._featurizer, initial=True)):
             super().__init__(input_shape, num_classes, num_domains, hparams)
