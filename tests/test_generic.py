@@ -1,10 +1,12 @@
 """Every DomainBed algorithm on the shared featurizer, quantized (``plugin/generic.py``):
 ``<Name>_FP``, ``<Name>_LSQ``, ``<Name>_QTDoG`` for each algorithm of DomainBed's list at the
 pinned commit. Each resolves through DomainBed's own ``get_algorithm_class`` and hparams
-registry, builds on Debug224 and RotatedDigits with the shared featurizer, keeps every scale in
-exactly one param group at ``scale_lr`` without weight decay (in every optimizer it builds or
-steps, those rebuilt or made inside an update included), moves every scale in two updates, and
-round-trips its ``state_dict`` strictly; what cannot work is refused when built, naming why."""
+registry, builds on RotatedDigits (and, its LSQ variant, on Debug224) with the shared
+featurizer, keeps every scale in exactly one param group at ``scale_lr`` without weight decay
+(in every optimizer it builds or steps, those rebuilt or made inside an update included),
+moves every scale in two updates, and round-trips its ``state_dict`` strictly; what cannot
+work is refused when built, naming why. The two updates of the cases outside ``make test``
+run in ``make coverage`` (marker ``coverage``), beside docs/coverage.md's runs."""
 
 import importlib.util
 import json
@@ -143,12 +145,12 @@ def test_builds_on_debug224_and_rotated_digits_with_its_scales_in_one_group(base
         return
     if not _met(base):
         pytest.skip(f"{base} needs {NEEDS[base]}")
-    # Debug224: DomainBed's ResNet size; the shared featurizer is built, nothing downloaded
-    big = _build(name, (3, 224, 224), 2, 2)
-    assert [m for m in big.modules() if isinstance(m, Featurizer)]
-    domainbeds = (networks.ResNet, networks.MNIST_CNN, wide_resnet.Wide_ResNet)
-    assert not [m for m in big.modules() if isinstance(m, domainbeds)]
-    del big
+    if variant == "LSQ":  # Debug224 (DomainBed's ResNet size), once per algorithm: the
+        big = _build(name, (3, 224, 224), 2, 2)  # shared featurizer, nothing downloaded
+        assert [m for m in big.modules() if isinstance(m, Featurizer)]
+        domainbeds = (networks.ResNet, networks.MNIST_CNN, wide_resnet.Wide_ResNet)
+        assert not [m for m in big.modules() if isinstance(m, domainbeds)]
+        del big
     _check_optimizers(_build(name), variant)
 
 
@@ -168,14 +170,26 @@ def _check_optimizers(algorithm, variant: str) -> None:
         _check_scale_group(optimizer, scale_lr)
 
 
-FAST = ("ERM", "CORAL", "Mixup", "SagNet", "MLDG", "IRM", "DANN", "ADRMX")  # the edit loop's
-
-
+# Two updates of each case cost about 2 s on 2 cores; `make test` runs the LSQ variant of every
+# algorithm (the fast suite those of the algorithms that build their optimizers in each
+# distinct way, and QT-DoG's per-channel scales in the optimizers that several, one per update
+# and one rebuilt at the anneal step give), `make coverage` every other case (docs/testing.md).
+FAST = {("ERM", "LSQ"), ("CORAL", "LSQ"), ("Mixup", "LSQ"), ("SagNet", "LSQ"), ("MLDG", "LSQ"),
+        ("IRM", "LSQ"), ("DANN", "LSQ"), ("ADRMX", "LSQ"), ("SagNet", "QTDoG"),
+        ("MLDG", "QTDoG"), ("IRM", "QTDoG"), ("SAGM", "QTDoG")}
 PLUGIN_CASES = [(base, variant) for base in ("SAGM", "SWAD") for variant in VARIANTS]
 
 
+def _update_marks(base: str, variant: str) -> tuple:
+    if (base, variant) in FAST:
+        return ()
+    if variant == "LSQ" and base in PINNED:
+        return (pytest.mark.slow,)
+    return (pytest.mark.slow, pytest.mark.coverage)
+
+
 @pytest.mark.parametrize("base,variant", [
-    pytest.param(b, v, marks=() if b in FAST or (b, v) == ("SAGM", "QTDoG") else pytest.mark.slow)
+    pytest.param(b, v, marks=_update_marks(b, v))
     for b, v in CASES + PLUGIN_CASES if (b, v) not in REFUSED])
 def test_two_updates_move_every_scale_and_the_state_round_trips(base, variant):
     name = f"{base}_{variant}"

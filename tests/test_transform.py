@@ -39,8 +39,10 @@ def _forward_backward(model: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("policy_name", list(POLICIES))
-@pytest.mark.parametrize("channels,resnet18", [(3, True), (4, True), (3, False)])
+@pytest.mark.parametrize("policy_name,channels,resnet18", [
+    *[(name, 3, True) for name in POLICIES],
+    ("lsq_w3a3", 4, True),  # a stem of four input channels (ARM's image and context)
+    ("lsq_w3a3", 3, False)])  # ResNet-50's bottlenecks
 def test_transform_on_the_shared_featurizer_is_the_former_policy(policy_name, channels,
                                                                  resnet18):
     algorithm, overrides = POLICIES[policy_name]
