@@ -170,10 +170,10 @@ def _check_optimizers(algorithm, variant: str) -> None:
         _check_scale_group(optimizer, scale_lr)
 
 
-# Two updates of each case cost about 2 s on 2 cores; `make test` runs the LSQ variant of every
-# algorithm (the fast suite those of the algorithms that build their optimizers in each
-# distinct way, and QT-DoG's per-channel scales in the optimizers that several, one per update
-# and one rebuilt at the anneal step give), `make coverage` every other case (docs/testing.md).
+# Two updates of a case cost about 2 s on 2 cores: the fast suite (and `make test`) runs the
+# LSQ variant of the algorithms that build their optimizers in distinct ways and QT-DoG's
+# per-channel scales in several, one per update and one rebuilt at the anneal step;
+# `make coverage` every other case (docs/testing.md: the time budget).
 FAST = {("ERM", "LSQ"), ("CORAL", "LSQ"), ("Mixup", "LSQ"), ("SagNet", "LSQ"), ("MLDG", "LSQ"),
         ("IRM", "LSQ"), ("DANN", "LSQ"), ("ADRMX", "LSQ"), ("SagNet", "QTDoG"),
         ("MLDG", "QTDoG"), ("IRM", "QTDoG"), ("SAGM", "QTDoG")}
@@ -181,11 +181,7 @@ PLUGIN_CASES = [(base, variant) for base in ("SAGM", "SWAD") for variant in VARI
 
 
 def _update_marks(base: str, variant: str) -> tuple:
-    if (base, variant) in FAST:
-        return ()
-    if variant == "LSQ" and base in PINNED:
-        return (pytest.mark.slow,)
-    return (pytest.mark.slow, pytest.mark.coverage)
+    return () if (base, variant) in FAST else (pytest.mark.slow, pytest.mark.coverage)
 
 
 @pytest.mark.parametrize("base,variant", [
