@@ -28,14 +28,17 @@ demo: setup
 # both run the package's docstring examples too (--doctest-modules, pyproject.toml);
 # test-paper runs every paper config end to end on tiny image folders (about 15 minutes);
 # coverage trains every DomainBed algorithm x {FP, LSQ, QTDoG} through DomainBed's train.py
-# and compares docs/coverage.md with the runs (about 10 minutes; make test checks the page
+# and compares docs/coverage.md with the runs (about 15 minutes; make test checks the page
 # against the registry only).
+# TEST_WORKERS: pytest-xdist processes, each module one unit of work (module fixtures run
+# once; conftest.py starts the long modules first); TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -m "not paper and not coverage"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not paper and not coverage"
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not paper"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not paper"
 
 test-paper: setup
 	$(PY) -m pytest -q -m paper

@@ -372,8 +372,8 @@ class RunData:
         return zip(*train), (zip(*uda) if uda else None)
 
     def evaluation(self, name: str, split) -> Iterator:
-        return iter(loaders.eval_batches(split, loaders.seed_of(self.args.seed, "eval", name),
-                                         self.workers, self.pin))
+        return loaders.eval_batches(split, loaders.seed_of(self.args.seed, "eval", name),
+                                    self.workers, self.pin)
 
 
 class Training:

@@ -2,12 +2,14 @@
 not depend on the workers, workers within the CPUs given."""
 
 import random
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.helpers import PYTHON, subprocess_env
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, WeightedRandomSampler
 
 from domainbed_gaqat.plugin import loaders
@@ -99,3 +101,43 @@ def test_workers_stay_within_the_cpus_given(monkeypatch):
     for total, n in ((7, 3), (0, 2), (2, 5), (9, 9)):
         shares = loaders.share(total, n)
         assert sum(shares) == total and len(shares) == n and max(shares) - min(shares) <= 1
+
+
+STORM = """
+import os, signal, sys, threading, time
+import torch
+from torch.utils.data import TensorDataset
+from domainbed_gaqat.plugin import loaders
+
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+signal.signal(signal.SIGUSR2, lambda *_: os.write(log, b"%d\\n" % os.getpid()))
+done = threading.Event()
+
+def storm():
+    while not done.is_set():
+        os.killpg(0, signal.SIGUSR2)
+        time.sleep(0.0005)
+
+split = TensorDataset(torch.zeros(8, 2), torch.zeros(8, dtype=torch.long))
+threading.Thread(target=storm, daemon=True).start()
+for _ in range(int(sys.argv[2])):
+    for _ in loaders.eval_batches(split, 0, 2, False):
+        pass
+done.set()
+print(os.getpid())
+"""
+
+
+def test_workers_never_run_the_main_process_handler(tmp_path):
+    """A storm of SIGUSR2 to the whole process group while loaders start their workers, the
+    main process's handler writing its pid: only the main process's pid is written (a worker
+    inheriting the handler through ``fork`` before it ignores the signal writes its own; this
+    happened with the signals unblocked at the fork)."""
+    log = tmp_path / "handled"
+    log.touch()
+    proc = subprocess.run([PYTHON, "-c", STORM, str(log), "15"], env=subprocess_env(
+        OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+        start_new_session=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert set(log.read_text().split()) == {proc.stdout.strip()}

@@ -113,16 +113,29 @@ class SeededBatches(Dataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker's first code: the stop signals, blocked since it was started (:func:`_iterate`),
+    are ignored, then unblocked (any that arrived meanwhile are dropped)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _loader(split: Dataset, seed: int, items: Iterator, workers: int, pin: bool) -> DataLoader:
+def _iterate(split: Dataset, seed: int, items: Iterator | list, workers: int,
+             pin: bool) -> Iterator:
+    """The batches of ``items``, loaded by ``workers`` processes started with the stop signals
+    blocked: a signal sent to the process group while a worker starts stays pending in it
+    instead of running the main process's handler (inherited through ``fork``) there. The main
+    process's own signals wait the few milliseconds the start takes."""
     # its own generator: the workers' base seed is not drawn from the global random state
-    return DataLoader(SeededBatches(split, seed), batch_size=None, sampler=items,
-                      num_workers=workers, pin_memory=pin, worker_init_fn=_ignore_stop_signals,
-                      prefetch_factor=2 if workers else None,
-                      generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(SeededBatches(split, seed), batch_size=None, sampler=items,
+                        num_workers=workers, pin_memory=pin, worker_init_fn=_ignore_stop_signals,
+                        prefetch_factor=2 if workers else None,
+                        generator=torch.Generator().manual_seed(seed))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def train_loader(split: Dataset, weights, batch_size: int, seed: int, start: int, workers: int,
@@ -130,14 +143,14 @@ def train_loader(split: Dataset, weights, batch_size: int, seed: int, start: int
     """Batches ``start``, ``start + 1``, ... of one training environment as ``(x, y)``."""
     stream = IndexStream(len(split), batch_size, weights, seed)
     items = ((start + i, indices) for i, indices in enumerate(stream.batches(start)))
-    return iter(_loader(split, seed, items, workers, pin))
+    return _iterate(split, seed, items, workers, pin)
 
 
-def eval_batches(split: Dataset, seed: int, workers: int, pin: bool) -> DataLoader:
+def eval_batches(split: Dataset, seed: int, workers: int, pin: bool) -> Iterator:
     """The whole split in order, in batches of 64 (DomainBed's evaluation batch)."""
     items = [(b, list(range(i, min(i + EVAL_BATCH, len(split)))))
              for b, i in enumerate(range(0, len(split), EVAL_BATCH))]
-    return _loader(split, seed, items, workers, pin)
+    return _iterate(split, seed, items, workers, pin)
 
 
 def cpus_given() -> int:
