@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DOMAINBED_SRC ?= https://github.com/facebookresearch/DomainBed.git
 
-.PHONY: setup demo test test-fast test-paper bench mutation mutation
+.PHONY: setup demo test test-fast test-paper coverage bench mutation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,19 +26,25 @@ demo: setup
 # The whole suite but the paper configs (the Slurm tests included: they start a one-node
 # cluster on loopback, as root); test-fast is the edit-run loop (no subprocess-heavy tests);
 # both run the package's docstring examples too (--doctest-modules, pyproject.toml);
-# test-paper runs every paper config end to end on tiny image folders (about 15 minutes).
+# test-paper runs every paper config end to end on tiny image folders (about 15 minutes);
+# coverage trains every DomainBed algorithm x {FP, LSQ, QTDoG} through DomainBed's train.py
+# and compares docs/coverage.md with the runs (about 15 minutes; make test checks the page
+# against the registry only).
 # TEST_WORKERS: pytest-xdist processes, each module one unit of work (module fixtures run
 # once; conftest.py starts the long modules first); TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not paper"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not paper and not coverage"
 
 test-fast: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not paper"
 
 test-paper: setup
 	$(PY) -m pytest -q -m paper
+
+coverage: setup
+	$(PY) -m pytest -q -m coverage
 
 bench: setup
 	$(PY) -m domainbed_gaqat bench

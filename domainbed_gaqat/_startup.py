@@ -4,7 +4,8 @@ It imports nothing heavy (not even ``importlib.abc``, which pulls in ``typing``,
 and ``importlib.resources``; the finder and loader protocols are duck-typed): it only puts a
 finder on ``sys.meta_path`` that, once one of DomainBed's registries (``domainbed.algorithms``,
 ``hparams_registry``, ``datasets``, ``command_launchers``, ``lib.reporting``,
-``model_selection``) has executed, adds the plugin's entries to it. Set
+``model_selection``) or ``domainbed.networks`` (its featurizer factory) has executed, adds the
+plugin's entries to it. Set
 ``DOMAINBED_GAQAT_DISABLE=1`` to opt out. A failure while patching is reported as a warning and
 never stops the interpreter or DomainBed.
 """
@@ -14,6 +15,7 @@ import sys
 import warnings
 
 TARGETS = (
+    "domainbed.networks",
     "domainbed.algorithms",
     "domainbed.hparams_registry",
     "domainbed.datasets",

@@ -1,7 +1,10 @@
 """Low-bit ONNX export of a trained quantized model (the paper's deployment motivation, sec. 1).
 
-The graph is built node by node from the module tree (opset 21), so every tensor is what the
-quantized PyTorch model computes in eval mode:
+The graph is the algorithm's ``predict``, traced with ``torch.fx`` (the quantized layers kept
+whole) and walked node by node into ONNX (opset 21), so every tensor is what the quantized
+PyTorch model computes in eval mode, for any featurizer built from convolutions, BatchNorm,
+ReLU, pooling, additions and a linear classifier (the shared ResNet, under any of the plugin's
+algorithms or DomainBed's on it):
 
 - quantized conv weights are **integer initializers** ``clamp(round(w / s_w), l, u)`` in the
   INT4 container for 2-4 bits (3-bit codes lie in ``[-4, 3]``) or INT8 for 5-8 bits, feeding
@@ -21,17 +24,23 @@ quantized PyTorch model computes in eval mode:
 
 PyTorch's ``round`` and ONNX's QuantizeLinear both round half to even and saturate after
 rounding, as LSQ's ``clamp(round(v / s), l, u)``. A float export of the same latent weights
-(no quantization) is written alongside for the size comparison, and both are checked with
-onnxruntime on CPU against PyTorch (argmax agreement, max abs logit error) on random inputs.
+(the model :func:`~domainbed_gaqat.quant.transform.dequantize` gives back) is written
+alongside for the size comparison, and both are checked with onnxruntime on CPU against
+PyTorch (argmax agreement, max abs logit error) on random inputs. Nodes are named after their
+modules (the shared ResNet's by its own names: ``layer1.0.conv1``).
 
     gaqat export runs/gaqat_w4/model.pkl --output_dir export/gaqat_w4
 """
 
+import copy
 import json
+import operator
 import os
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import fx
 
 try:
     import ml_dtypes
@@ -41,7 +50,6 @@ except ImportError as err:  # the optional 'export' extra
     raise ImportError(f"gaqat export needs onnx, onnxruntime and ml_dtypes: pip install "
                       f"'domainbed-gaqat[export]' ({err})") from err
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from domainbed_gaqat import options
 from domainbed_gaqat.experiments import outputs
@@ -51,9 +59,12 @@ from domainbed_gaqat.plugin.registry import quantized_algorithms
 from domainbed_gaqat.quant.modules import (
     LSQQuantizer,
     QuantConv2d,
+    QuantizedWeights,
+    Scale,
     quantization_disabled,
     quantizers,
 )
+from domainbed_gaqat.quant.transform import dequantize
 
 OPSET = 21
 INT_DTYPES = {  # (signed, container bits) -> numpy dtype
@@ -126,11 +137,13 @@ def weight_integers(conv: QuantConv2d) -> np.ndarray:
     return codes.astype(INT_DTYPES[(True, container_bits(q.bits))])
 
 
-def conv(g: GraphBuilder, x: str, module: nn.Conv2d, name: str, quantize: bool) -> str:
-    """A (quantized) conv: activations through Q/DQ, weights integer + DequantizeLinear."""
-    if isinstance(module, QuantConv2d) and quantize and module.a_quant is not None:
+def conv(g: GraphBuilder, x: str, module: nn.Conv2d, name: str) -> str:
+    """A conv, quantized as its twin says: activations through Q/DQ, weights integer +
+    DequantizeLinear; a plain ``nn.Conv2d`` (or a twin's float parts) in float."""
+    quantized = isinstance(module, QuantConv2d)
+    if quantized and module.a_quant is not None:
         x = quantize_activation(g, x, module.a_quant, name)
-    if isinstance(module, QuantConv2d) and quantize and module.w_quant is not None:
+    if quantized and module.w_quant is not None:
         q = module.w_quant
         codes = g.constant(f"{name}.w_int", weight_integers(module))
         scales = q.scale.detach().cpu().float().numpy()  # 0-d, or one per output channel
@@ -159,54 +172,123 @@ def batchnorm(g: GraphBuilder, x: str, bn: nn.BatchNorm2d, name: str) -> str:
     return g.op("BatchNormalization", inputs, f"{name}.out", epsilon=float(bn.eps))
 
 
-def block(g: GraphBuilder, x: str, m: nn.Module, name: str, quantize: bool) -> str:
-    """A torchvision BasicBlock / Bottleneck, as its ``forward``."""
-    convs = ["conv1", "conv2"] + (["conv3"] if isinstance(m, Bottleneck) else [])
-    out = x
-    for i, c in enumerate(convs):
-        out = conv(g, out, getattr(m, c), f"{name}.{c}", quantize)
-        out = batchnorm(g, out, getattr(m, f"bn{i + 1}"), f"{name}.bn{i + 1}")
-        if i < len(convs) - 1:
-            out = g.op("Relu", [out], f"{name}.relu{i + 1}")
-    identity = x
-    if m.downsample is not None:
-        identity = conv(g, x, m.downsample[0], f"{name}.downsample.0", quantize)
-        identity = batchnorm(g, identity, m.downsample[1], f"{name}.downsample.1")
-    out = g.op("Add", [out, identity], f"{name}.add")
-    return g.op("Relu", [out], f"{name}.relu")
+def maxpool(g: GraphBuilder, x: str, mp: nn.MaxPool2d, name: str) -> str:
+    k, s, p = (v if isinstance(v, int) else v[0] for v in (mp.kernel_size, mp.stride, mp.padding))
+    if mp.ceil_mode or mp.dilation not in (1, (1, 1)):
+        raise ValueError(f"{name}: maxpool with ceil_mode or dilation is not exported")
+    return g.op("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
+
+
+def linear(g: GraphBuilder, x: str, fc: nn.Linear, name: str) -> str:
+    inputs = [x, g.constant(f"{name}.weight", _f32(fc.weight))]
+    inputs += [g.constant(f"{name}.bias", _f32(fc.bias))] if fc.bias is not None else []
+    return g.op("Gemm", inputs, f"{name}.out" if name != "classifier" else "logits", transB=1)
+
+
+class _Predict(nn.Module):
+    """``algorithm.predict`` as a module (what is traced and exported)."""
+
+    def __init__(self, algorithm: nn.Module) -> None:
+        super().__init__()
+        self.algorithm = algorithm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.algorithm.predict(x)
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx`` tracing with the quantized layers as leaves (their ONNX is written by
+    :func:`conv`, not traced)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantizedWeights) or super().is_leaf_module(m, qualname)
+
+
+def _layer_name(qualname: str) -> str:
+    """An ONNX name from a module's name in the algorithm: the shared ResNet's layers by their
+    own names (``algorithm.featurizer.network.layer1.0.conv1`` -> ``layer1.0.conv1``)."""
+    return qualname.removeprefix("algorithm.").removeprefix("featurizer.network.").removeprefix(
+        "network.0.network.")
+
+
+MODULES = {  # module type -> its ONNX (None: the identity in eval mode)
+    nn.Conv2d: conv, nn.BatchNorm2d: batchnorm, nn.MaxPool2d: maxpool, nn.Linear: linear,
+    nn.ReLU: lambda g, x, m, name: g.op("Relu", [x], name),
+    nn.AdaptiveAvgPool2d: lambda g, x, m, name: g.op("GlobalAveragePool", [x], name),
+    nn.Flatten: lambda g, x, m, name: g.op("Flatten", [x], name, axis=m.start_dim),
+    nn.Dropout: None, nn.Identity: None}
+FUNCTIONS = {operator.add: "Add", operator.iadd: "Add", torch.add: "Add", torch.relu: "Relu",
+             F.relu: "Relu", torch.flatten: "Flatten"}
+
+
+def _module(g: GraphBuilder, x: str, module: nn.Module, name: str) -> str:
+    kind = nn.Conv2d if isinstance(module, QuantConv2d) else type(module)
+    if kind not in MODULES:
+        raise ValueError(f"{name}: a {type(module).__name__} is not exported (convolutions, "
+                         "BatchNorm, ReLU, max and global average pooling, additions, dropout "
+                         "and float linear layers are)")
+    if kind is nn.AdaptiveAvgPool2d and module.output_size not in (1, (1, 1)):
+        raise ValueError(f"{name}: adaptive pooling to {module.output_size}: only to 1x1")
+    return x if MODULES[kind] is None else MODULES[kind](g, x, module, name)
+
+
+def _function(g: GraphBuilder, node: fx.Node, values: dict) -> str:
+    op = FUNCTIONS.get(node.target)
+    tensors = [values[a] for a in node.args if isinstance(a, fx.Node)]
+    if op == "Flatten" and tuple(node.args[1:]) + tuple(node.kwargs.values()) in ((1,), (1, -1)):
+        return g.op("Flatten", tensors, node.name, axis=1)
+    if op == "Add" and len(tensors) == 2 or op == "Relu" and len(tensors) == 1:
+        return g.op(op, tensors, node.name)
+    raise ValueError(f"{node.format_node()}: not exported (additions, ReLU and flattening from "
+                     "dim 1 are)")
+
+
+def _trace(model: _Predict) -> fx.Graph:
+    try:
+        return _Tracer().trace(model.eval())
+    except Exception as err:  # fx's TraceError and what the traced code raises
+        raise ValueError(f"{type(model.algorithm).__name__}.predict cannot be traced into a "
+                         f"graph ({type(err).__name__}: {err})") from err
+
+
+def exported_modules(algorithm: nn.Module) -> list[nn.Module]:
+    """The layers ``algorithm.predict`` calls (what the export holds), in call order."""
+    model = _Predict(algorithm)
+    found = {}
+    for node in _trace(model).nodes:
+        if node.op == "call_module":
+            found.setdefault(node.target, model.get_submodule(node.target))
+    return list(found.values())
 
 
 def build_model(algorithm: nn.Module, quantize: bool = True) -> onnx.ModelProto:
-    """The ONNX model of ``algorithm.predict`` in eval mode (see module docstring)."""
-    net = algorithm.featurizer.network
-    if quantize and not any(True for _ in quantizers(net)):
+    """The ONNX model of ``algorithm.predict`` in eval mode (see module docstring); with
+    ``quantize=False`` of the float model of the same latent weights."""
+    if quantize and not any(True for _ in quantizers(algorithm)):
         raise ValueError(f"{type(algorithm).__name__} has no quantizers: expected a quantized "
                          f"model ({', '.join(quantized_algorithms())})")
+    model = _Predict(algorithm if quantize else dequantize(copy.deepcopy(algorithm)))
+    graph = _trace(model)
     g = GraphBuilder()
-    x = g.name("input")
-    out = conv(g, x, net.conv1, "conv1", quantize)
-    out = batchnorm(g, out, net.bn1, "bn1")
-    out = g.op("Relu", [out], "relu")
-    mp = net.maxpool
-    k, s, p = (v if isinstance(v, int) else v[0] for v in (mp.kernel_size, mp.stride, mp.padding))
-    if mp.ceil_mode or mp.dilation not in (1, (1, 1)):
-        raise ValueError("maxpool with ceil_mode or dilation is not exported")
-    out = g.op("MaxPool", [out], "maxpool", kernel_shape=[k, k], strides=[s, s], pads=[p] * 4)
-    for layer in ("layer1", "layer2", "layer3", "layer4"):
-        for i, m in enumerate(getattr(net, layer)):
-            if not isinstance(m, BasicBlock | Bottleneck):
-                raise ValueError(f"{layer}.{i} is a {type(m).__name__}: expected a torchvision "
-                                 "BasicBlock or Bottleneck")
-            out = block(g, out, m, f"{layer}.{i}", quantize)
-    out = g.op("GlobalAveragePool", [out], "avgpool")
-    out = g.op("Flatten", [out], "flatten", axis=1)  # dropout: identity in eval mode
-    fc = algorithm.classifier
-    logits = g.op("Gemm", [out, g.constant("classifier.weight", _f32(fc.weight)),
-                           g.constant("classifier.bias", _f32(fc.bias))], "logits", transB=1)
-    c, h, w = algorithm.featurizer.network.conv1.weight.shape[1], None, None
-    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", c, h, w])]
-    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT,
-                                             ["N", fc.out_features])]
+    values, inputs, logits, classes = {}, [], None, None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            values[node] = g.name("input")
+        elif node.op == "call_module":
+            module = model.get_submodule(node.target)
+            if not inputs and isinstance(module, nn.Conv2d):
+                inputs = [helper.make_tensor_value_info(values[node.args[0]], TensorProto.FLOAT,
+                                                        ["N", module.in_channels, None, None])]
+            if isinstance(module, nn.Linear):
+                classes = module.out_features
+            values[node] = _module(g, values[node.args[0]], module, _layer_name(node.target))
+        elif node.op == "call_function":
+            values[node] = _function(g, node, values)
+        elif node.op == "output":
+            logits = values[node.args[0]]
+        else:
+            raise ValueError(f"{node.format_node()}: not exported")
+    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", classes])]
     kind = "quantized" if quantize else "float"
     graph = helper.make_graph(g.nodes, f"domainbed_gaqat_{kind}", inputs, outputs,
                               g.initializers)
@@ -222,18 +304,19 @@ def build_model(algorithm: nn.Module, quantize: bool = True) -> onnx.ModelProto:
 def expected_sizes(algorithm: nn.Module) -> dict[str, int]:
     """Bytes of the tensors each export stores, from counting parameters: quantized conv
     weights at their container width (4 or 8 bits), everything else (stem conv, BatchNorm
-    weights/biases/statistics, classifier) as float32, plus the scalar scales/zero points."""
-    net = algorithm.featurizer.network
-    qconvs = [m for m in net.modules() if isinstance(m, QuantConv2d) and m.w_quant is not None]
+    weights/biases/statistics, classifier) as float32, plus the scales and zero points."""
+    layers = exported_modules(algorithm)
+    qconvs = [m for m in layers if isinstance(m, QuantConv2d) and m.w_quant is not None]
     q_ids = {id(m.weight) for m in qconvs}
     n_quant = sum(m.weight.numel() for m in qconvs)
     packed = sum((m.weight.numel() * container_bits(m.w_quant.bits) + 7) // 8 for m in qconvs)
-    floats = [t for t in list(net.parameters()) + list(algorithm.classifier.parameters())
-              if id(t) not in q_ids and t.dim() > 0]
-    floats += [b for n, b in net.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    floats = [t for m in layers for t in m.parameters()
+              if id(t) not in q_ids and not isinstance(t, Scale)]
+    floats += [b for m in layers for n, b in m.named_buffers()
+               if n.endswith(("running_mean", "running_var"))]
     n_float = sum(t.numel() for t in floats)
     # per scale a float32 and a 1-byte zero point; an activation's clip bounds (2 x float32)
-    extra = sum(5 * q.scale.numel() + 8 for _, q in quantizers(net))
+    extra = sum(5 * q.scale.numel() + 8 for m in layers for _, q in quantizers(m))
     int_bytes = packed + 4 * n_float + extra
     float_bytes = 4 * (n_quant + n_float)
     return {"quantized_conv_weights": n_quant, "float_values": n_float,

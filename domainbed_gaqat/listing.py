@@ -28,11 +28,15 @@ def _declared(source: Path, is_declaration) -> list[str]:
 
 
 def _decorated(node: ast.AST) -> list[str]:
-    """A class declared with ``@algorithm(...)``."""
+    """A class declared with ``@algorithm(...)``, or a quantized variant made by
+    ``NAME = variant_of(...)`` (which registers it so)."""
     if isinstance(node, ast.ClassDef) and any(
             isinstance(d, ast.Call) and getattr(d.func, "id", None) == "algorithm"
             for d in node.decorator_list):
         return [node.name]
+    if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+            and getattr(node.value.func, "id", None) == "variant_of"):
+        return [t.id for t in node.targets if isinstance(t, ast.Name)]
     return []
 
 
@@ -61,6 +65,9 @@ def epilog(width: int = 92) -> str:
     for kind, found in names().items():
         lines += textwrap.wrap(", ".join(found), width, initial_indent=f"  {kind + ':':<12}",
                                subsequent_indent=" " * 14)
+        if kind == "algorithms":
+            lines.append(" " * 14 + "and <Name>_FP, <Name>_LSQ, <Name>_QTDoG of DomainBed's "
+                         "algorithms (docs/coverage.md)")
     return "\n".join(lines)
 
 

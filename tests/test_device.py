@@ -22,9 +22,9 @@ from torch import nn
 from domainbed_gaqat import bench, cli
 from domainbed_gaqat.optim.sagm import sagm_step
 from domainbed_gaqat.plugin.algorithms import ALGORITHMS
-from domainbed_gaqat.plugin.featurizer import QuantPolicy
 from domainbed_gaqat.quant.config import QuantConfig
 from domainbed_gaqat.quant.modules import QuantConv2d, quantizers
+from domainbed_gaqat.quant.transform import QuantPolicy, quantize
 from domainbed_gaqat.traces import TraceRecorder
 
 META = torch.device("meta")
@@ -82,8 +82,8 @@ def test_quant_conv_is_made_on_its_conv_device(kind):
 def test_policy_applied_to_a_model_on_a_device_keeps_it_there():
     with torch.device(META):
         net = torchvision.models.resnet18(weights=None)
-    QuantPolicy(weight=QuantConfig(4, True), activation=QuantConfig(4, False),
-                stem_input=QuantConfig(4, True)).apply(net)
+    quantize(net, QuantPolicy(weight=QuantConfig(4, True), activation=QuantConfig(4, False),
+                              first_input=QuantConfig(4, True)))
     assert sum(1 for _ in quantizers(net)) == 2 * 20 - 1
     assert off_device(net, META) == []
 

@@ -230,3 +230,60 @@ def test_unquantized_model_is_a_clear_error() -> None:
         export.build_model(alg, quantize=True)
     with pytest.raises(ValueError, match="expected a quantized model"):
         model_files.require_quantized({"args": {"algorithm": "ERM_FP"}}, "x/model.pkl")
+
+
+def _built(name: str, x: torch.Tensor):
+    torch.manual_seed(0)
+    overrides = {"quant_start": 0} if name.endswith("QTDoG") else {}
+    algorithm = registry.algorithm_class(name)((3, 32, 32), 10, 3,
+                                              tiny_hparams(name, **overrides))
+    algorithm.eval()
+    with torch.no_grad():
+        algorithm.predict(x)  # calibrates the scales
+    return algorithm
+
+
+def _ort(path: str, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+@pytest.mark.parametrize("name", ["CORAL_LSQ", "SagNet_QTDoG"])
+def test_domainbeds_algorithms_on_the_shared_featurizer_export(name, tmp_path) -> None:
+    """The graph is ``predict`` traced: DomainBed's CORAL (its ``network`` Sequential) exports
+    the very graph of the plugin's LSQ of the same weights; SagNet (``network_c(network_f(x))``,
+    7-bit per-channel weights in INT8, float activations) agrees with PyTorch to float32
+    rounding (no activation is rounded)."""
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    algorithm = _built(name, x)
+    paths = {}
+    for quantize in (True, False):
+        paths[quantize] = str(tmp_path / f"{quantize}.onnx")
+        onnx.save(export.build_model(algorithm, quantize), paths[quantize])
+    model = onnx.load(paths[True])
+    convs = [n.output[0].removesuffix(".out") for n in model.graph.node if n.op_type == "Conv"]
+    featurizer, prefix = ((algorithm.featurizer, "") if name.startswith("CORAL")
+                          else (algorithm.network_f, "network_f.network."))
+    assert convs == [prefix + n for n, m in featurizer.network.named_modules()
+                     if isinstance(m, QuantConv2d)]  # the shared ResNet's by its own names
+    int_weights = {t.data_type for t in model.graph.initializer if t.name.endswith(".w_int")}
+    if name.startswith("CORAL"):
+        assert int_weights == {TensorProto.INT4}
+        onnx.save(export.build_model(_built("LSQ", x)), str(tmp_path / "lsq.onnx"))
+        np.testing.assert_array_equal(_ort(paths[True], x), _ort(str(tmp_path / "lsq.onnx"), x))
+    else:
+        assert int_weights == {TensorProto.INT8}
+        check = export.compare(paths[True], algorithm, x)
+        assert check["max_abs_logit_error"] <= 1e-4 * check["max_abs_logit"]
+        assert check["argmax_agreement"] == 1.0
+    float_check = export.compare(paths[False], algorithm, x, quantized=False)
+    assert float_check["max_abs_logit_error"] <= 1e-4 * float_check["max_abs_logit"]
+    assert float_check["argmax_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name,why", [("MTL_LSQ", "MTL_LSQ.predict cannot be traced.*'len'"),
+                                      ("ARM_LSQ", "ARM_LSQ.predict cannot be traced")])
+def test_a_predict_that_is_not_a_plain_graph_is_refused(name, why) -> None:
+    algorithm = registry.algorithm_class(name)((3, 32, 32), 10, 3, tiny_hparams(name))
+    with pytest.raises(ValueError, match=why):
+        export.build_model(algorithm)

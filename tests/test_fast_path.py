@@ -17,7 +17,7 @@ from support.references import lsq_autograd
 from torch import nn
 
 from domainbed_gaqat.optim.sagm import frozen_bn_statistics
-from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
+from domainbed_gaqat.plugin.featurizer import Featurizer, quant_policy
 from domainbed_gaqat.quant import lsq, modules
 from domainbed_gaqat.quant.config import integer_range
 from domainbed_gaqat.quant.lsq import lsq_quantize
@@ -139,7 +139,7 @@ def test_compile_environment_switch():
 def test_quantized_featurizer_matches_reference_path(monkeypatch):
     torch.manual_seed(0)
     hparams = tiny_hparams("LSQ", w_bits=3, a_bits=3)
-    model = Featurizer((3, 32, 32), hparams, QuantPolicy.from_hparams(hparams))
+    model = Featurizer((3, 32, 32), hparams, quant_policy(hparams))
     state = model.state_dict()  # scales set by hand: range calibration is not under test
     for name, q in quantizers(model):
         state[f"{name}.scale"] = torch.tensor(0.05 if q.is_weight else 0.3)

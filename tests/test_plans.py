@@ -7,7 +7,9 @@ were written): the jobs run through ``domainbed_gaqat.train``, and DomainNet's Q
 ``--eval_from 45000`` with checkpoints every 1,000 steps. Two entries were added later, the
 other entries unchanged: ``pacs_qat_w4a4`` and ``qtdog_pacs`` (with its table), the seed
 systems as their releases run them (QT-DoG's scale init and gradient scale, SAQ's activation
-scales, SWAD_QTDoG and SWAD_FP with their SWAD rows)."""
+scales, SWAD_QTDoG and SWAD_FP with their SWAD rows); then ``qtdog_dg_methods`` and
+``pacs_dg_methods_w4a4`` with their tables (DomainBed's methods on the shared featurizer,
+``<Name>_FP`` / ``_QTDoG`` / ``_LSQ``), the other entries unchanged."""
 
 import json
 

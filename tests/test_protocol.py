@@ -219,7 +219,87 @@ def test_every_qat_method_config_adds_rows_to_the_papers(bits: int, tmp_path) ->
         assert mine == stage, stage.name
 
 
+# DomainBed's own defaults of the methods' hparams (hparams_registry.py at b93c22a, written out)
+DOMAINBED_DEFAULTS = {"CORAL": {"mmd_gamma": 1.0}, "Mixup": {"mixup_alpha": 0.2},
+                      "SagNet": {"sag_w_adv": 0.1}, "GroupDRO": {"groupdro_eta": 1e-2}}
+DG_FP = ["ERM_FP", "CORAL_FP", "Mixup_FP", "SagNet_FP"]
+
+
+def _method(algorithm: str) -> str:
+    """``CORAL_LSQ`` -> ``CORAL``."""
+    return algorithm.rsplit("_", 1)[0]
+
+
+def test_qtdog_with_dg_methods_is_qtdogs_protocol_for_each(tmp_path) -> None:
+    """``qtdog_dg_methods``: ERM, CORAL, Mixup, SagNet and SWAD, full precision and with
+    QT-DoG's quantization from step 2,000, under QT-DoG's PACS protocol (``qtdog_pacs``'s,
+    one model per job), each method with DomainBed's defaults."""
+    config = load_config("qtdog_dg_methods")
+    assert (config.dataset, config.bits, config.selection, config.trials) == (
+        "PACS", (7,), "train", 3)
+    assert config.test_envs == tuple(map(tuple, TEST_ENVS["PACS"]))
+    stages = {"fp": ({**{a: RELEASE_RUN for a in DG_FP}, "SWAD_FP": {**RELEASE_RUN, **SWAD}}),
+              "qtdog": {"QTDoG": QTDOG_RUN, "CORAL_QTDoG": QTDOG_RUN,
+                        "Mixup_QTDoG": QTDOG_RUN, "SagNet_QTDoG": QTDOG_RUN,
+                        "SWAD_QTDoG": {**QTDOG_RUN, **SWAD}}}
+    planned = {s.name: s for s in plan(config, str(tmp_path / "out"), str(tmp_path / "data"))}
+    assert list(planned) == list(stages)
+    for name, algorithms in stages.items():
+        stage = planned[name].stage
+        assert (stage.algorithms, stage.steps, stage.checkpoint_freq, stage.members) == (
+            tuple(algorithms), 5001, 200, 1)
+        jobs = planned[name].jobs
+        assert len(jobs) == 4 * 3 * len(algorithms)
+        for job in jobs:
+            algorithm = job.train_args["algorithm"]
+            hparams = json.loads(job.train_args["hparams"])
+            want = {**algorithms[algorithm], **DOMAINBED_DEFAULTS.get(_method(algorithm), {})}
+            assert {k: hparams[k] for k in want} == want, algorithm
+            assert ("a_bits" in hparams) is False
+
+
+def test_dg_methods_at_w4a4_start_from_their_own_full_precision_models(tmp_path) -> None:
+    """``pacs_dg_methods_w4a4``: Table 2's protocol for each method; ``<Name>_LSQ`` starts
+    from ``<Name>_FP`` of the same test domain and trial."""
+    from support.plan_snapshot import fabricate
+
+    config = load_config("pacs_dg_methods_w4a4")
+    assert (config.dataset, config.bits, config.selection) == ("PACS", (4, 4), "test")
+    methods = {"coral": "CORAL", "mixup": "Mixup", "sagnet": "SagNet", "groupdro": "GroupDRO"}
+    stages = {s.name: s for s in config.stages}
+    assert list(stages) == ["fp", "qat", *methods]
+    assert stages["fp"].algorithms == (*DG_FP, "GroupDRO_FP")
+    assert stages["qat"].algorithms == ("LSQ",)
+    assert stages["qat"].init_from == StageRef("fp", "ERM_FP")
+    for name, method in methods.items():
+        stage = stages[name]
+        assert stage.algorithms == (f"{method}_LSQ",) and stage.steps == STEPS["PACS"]["qat"]
+        assert stage.init_from == StageRef("fp", f"{method}_FP")
+        assert {k: set(v) for k, v in stage.grid.axes.items()} == {"lr": LR}
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    fp = plan(config, out, data)[0]
+    assert len(fp.jobs) == len(LR) * 4 * 3 * 5
+    for job in fp.jobs:
+        algorithm = job.train_args["algorithm"]
+        hparams = json.loads(job.train_args["hparams"])
+        want = {**{k: v for k, v in expected("PACS", "ERM_FP").items() if k != "lr"},
+                **DOMAINBED_DEFAULTS.get(_method(algorithm), {})}
+        assert {k: hparams[k] for k in want} == want, algorithm
+        assert hparams["lr"] in LR and job.train_args["steps"] == STEPS["PACS"]["fp"]
+        fabricate(job, 4)
+    for planned in plan(config, out, data)[1:]:
+        for job in planned.jobs:
+            hparams = json.loads(job.train_args["hparams"])
+            source = json.loads(open(hparams["init_path"].replace("model.pkl",
+                                                                  "results.jsonl")).readline())
+            assert source["args"]["algorithm"] == f"{_method(job.train_args['algorithm'])}_FP" \
+                or (job.train_args["algorithm"], source["args"]["algorithm"]) == ("LSQ", "ERM_FP")
+            assert (source["args"]["test_envs"], source["args"]["trial_seed"]) == (
+                job.train_args["test_envs"], job.train_args["trial_seed"])
+            assert hparams["w_bits"] == hparams["a_bits"] == 4 and hparams["scale_lr"] == 1e-5
+
+
 def test_every_sweep_config_is_pinned() -> None:
     """A new config in sweeps/ gets its protocol pinned here."""
     assert set(config_names()) - {"demo"} == set(CONFIGS) | set(QTDOG_CONFIGS) | {
-        "pacs_qat_w4a4", "pacs_qat_w3a3"}
+        "pacs_qat_w4a4", "pacs_qat_w3a3", "qtdog_dg_methods", "pacs_dg_methods_w4a4"}

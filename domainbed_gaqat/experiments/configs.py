@@ -23,13 +23,13 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 
-from domainbed import algorithms as domainbed_algorithms
 from domainbed import datasets
 
 from domainbed_gaqat.experiments.selection import SELECTION_RULES
 from domainbed_gaqat.plugin import hparams as hparams_lib
+from domainbed_gaqat.plugin.generic import ALIASES
 from domainbed_gaqat.plugin.launchers import SlurmSettings
-from domainbed_gaqat.plugin.registry import plugin_spec, quantized_algorithms
+from domainbed_gaqat.plugin.registry import algorithm_class, is_quantized, plugin_spec
 
 TOP_KEYS = {"paper", "extends", "dataset", "test_envs", "trials", "bits", "selection",
             "holdout_fraction", "hparams", "stages", "table", "slurm"}
@@ -273,6 +273,14 @@ def _known(algorithm: str, dataset: str) -> set[str]:
     return set(hparams_registry.default_hparams(algorithm, dataset))
 
 
+def _resolves(algorithm: str) -> bool:
+    try:
+        algorithm_class(algorithm)
+    except ValueError:
+        return False
+    return True
+
+
 def _reads_activation_bits(algorithm: str, dataset: str) -> bool:
     return "a_bits" in _known(algorithm, dataset)
 
@@ -400,9 +408,13 @@ class _Parser:
                    f"{sorted(STAGE_KEYS - {'from'})}", *at, unknown[0] if unknown else "name")
         algorithms = raw.get("algorithms")
         self.check(isinstance(algorithms, list) and algorithms
-                   and all(a in domainbed_algorithms.ALGORITHMS for a in algorithms),
-                   f"{where}: algorithms {algorithms!r}: expected a list of registered "
-                   "algorithms", *at, "algorithms")
+                   and all(isinstance(a, str) and _resolves(a) for a in algorithms),
+                   f"{where}: algorithms {algorithms!r}: expected a list of DomainBed's "
+                   "algorithms (the plugin's and <Name>_FP / _LSQ / _QTDoG included)",
+                   *at, "algorithms")
+        for alias in set(algorithms) & set(ALIASES):
+            self.fail(f"{where}: {alias} is {ALIASES[alias]}: write the canonical name (the "
+                      "tables' row)", *at, "algorithms")
         quantized = self.stage_bits(where, algorithms, at)
         for key in ("steps", "checkpoint_freq"):
             self.check(_int(raw.get(key), 1), f"{where}: {key} {raw.get(key)!r}: expected an "
@@ -443,7 +455,7 @@ class _Parser:
     def stage_bits(self, where: str, algorithms: list[str], at: tuple) -> bool:
         """Whether the stage is quantized; its algorithms must agree, and the config's bits
         fit them."""
-        kinds = {a in quantized_algorithms() for a in algorithms}
+        kinds = {is_quantized(a) for a in algorithms}
         self.check(len(kinds) == 1, f"{where}: mixes quantized and full-precision algorithms",
                    *at, "algorithms")
         quantized = kinds.pop()

@@ -7,7 +7,7 @@
 
 Quantizer scales are not perturbed (Eq. 1 perturbs ``theta`` only) and ``||g||`` excludes them;
 their two gradients are returned apart, ``g_task`` (clean pass) and ``g_smooth`` (perturbed
-pass), as stacked vectors so the caller can combine them per scale on the device.
+pass), as flat vectors so the caller can combine them per scale on the device.
 """
 
 from collections.abc import Callable, Sequence
@@ -41,14 +41,21 @@ def _grads(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
+def flat_grads(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The gradients of (at least one of) ``params`` in one vector (zeros where none; a
+    per-channel scale is several entries)."""
+    return torch.cat([g.reshape(-1) for g in _grads(params)])
+
+
 def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
               weights: Sequence[nn.Parameter], scales: Sequence[nn.Parameter],
               rho: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compute SAGM gradients; leaves ``0.5 * (g + g_p)`` in ``weights[i].grad``.
 
     ``loss_fn()`` runs a forward pass of ``model`` and returns the loss. Returns the clean loss
-    (detached) and the scale gradients ``g_task`` and ``g_smooth`` (each of shape
-    ``[len(scales)]``); the caller writes the scales' ``.grad`` and steps its optimizer.
+    (detached) and the scale gradients ``g_task`` and ``g_smooth``, each one vector of every
+    scale's entries in order (``[len(scales)]`` for per-tensor scales; a per-channel scale is
+    several entries); the caller writes the scales' ``.grad`` and steps its optimizer.
     No host-device synchronisation happens here.
     """
     for p in [*weights, *scales]:
@@ -56,7 +63,7 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
     loss = loss_fn()
     loss.backward()
     g = _grads(weights)  # kept as they are: the second backward allocates fresh gradients
-    g_task = torch.stack(_grads(scales)) if scales else loss.new_zeros(0, dtype=torch.float32)
+    g_task = flat_grads(scales) if scales else loss.new_zeros(0, dtype=torch.float32)
 
     with torch.no_grad():
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(g)))
@@ -75,5 +82,5 @@ def sagm_step(loss_fn: Callable[[], torch.Tensor], model: nn.Module,
         torch._foreach_lerp_(g_p, g, 0.5)  # g_p + 0.5 * (g - g_p) = 0.5 * g + 0.5 * g_p
         for w, grad in zip(weights, g_p):
             w.grad = grad
-    g_smooth = torch.stack(_grads(scales)) if scales else torch.zeros_like(g_task)
+    g_smooth = flat_grads(scales) if scales else torch.zeros_like(g_task)
     return loss.detach(), g_task, g_smooth

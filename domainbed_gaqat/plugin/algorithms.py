@@ -18,13 +18,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from domainbed_gaqat.optim.freezing import ScaleFreezer
-from domainbed_gaqat.optim.sagm import sagm_step
+from domainbed_gaqat.optim.param_groups import separate_scales
+from domainbed_gaqat.optim.sagm import flat_grads, sagm_step
 from domainbed_gaqat.optim.saq import saq_step
 from domainbed_gaqat.optim.swad import SWAD
-from domainbed_gaqat.plugin.featurizer import Featurizer, QuantPolicy
+from domainbed_gaqat.plugin.featurizer import Featurizer, quant_policy
 from domainbed_gaqat.plugin.hooks import require_loop
 from domainbed_gaqat.plugin.hparams import validate
-from domainbed_gaqat.plugin.initial_weights import initialize
+from domainbed_gaqat.plugin.initial_weights import initialize, load_earlier_stage
 from domainbed_gaqat.plugin.registry import AlgorithmSpec, algorithm, specs
 from domainbed_gaqat.quant.modules import (
     QuantConv2d,
@@ -57,19 +58,19 @@ class FeaturizerAlgorithm(Algorithm):
     def __init__(self, input_shape, num_classes, num_domains, hparams):
         validate(self.SPEC, hparams)
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        policy = QuantPolicy.from_hparams(hparams) if self.SPEC.quantized else None
+        policy = quant_policy(hparams) if self.SPEC.quantized else None
         self.featurizer = Featurizer(input_shape, hparams, policy)
         self.classifier = nn.Linear(self.featurizer.n_outputs, num_classes)
-        initialize(self.featurizer, self.classifier, hparams)
+        initialize(self.featurizer, hparams)
+        load_earlier_stage(self, hparams, ("featurizer", "classifier"))
         self._quantizers = list(quantizers(self))
         self.scales = [q.scale for _, q in self._quantizers]
         scale_ids = {id(s) for s in self.scales}
         self.weights = [p for p in self.parameters() if p.requires_grad and id(p) not in scale_ids]
-        groups = [{"params": self.weights, "lr": hparams["lr"],
-                   "weight_decay": hparams["weight_decay"]}]
+        self.optimizer = torch.optim.Adam(self.weights + self.scales, lr=hparams["lr"],
+                                          weight_decay=hparams["weight_decay"])
         if self.scales:
-            groups.append({"params": self.scales, "lr": hparams["scale_lr"], "weight_decay": 0.0})
-        self.optimizer = torch.optim.Adam(groups)
+            separate_scales(self.optimizer, hparams["scale_lr"])
         self._scale_hooks: OrderedDict[int, Callable[[ScaleGradients], None]] = OrderedDict()
 
     def register_scale_gradient_hook(self, hook: Callable[[ScaleGradients], None]
@@ -111,12 +112,6 @@ class FeaturizerAlgorithm(Algorithm):
         return dict(zip(stats, values))
 
 
-def _flat_grads(params: list[nn.Parameter]) -> torch.Tensor:
-    """The parameters' gradients in one vector (a per-channel scale is several entries)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params])
-
-
 @algorithm(benchmark=True)
 class ERM_FP(FeaturizerAlgorithm):
     """Adam on the task loss, full precision (paper's "ERM Full" row; stage 1 of QAT)."""
@@ -132,7 +127,7 @@ class ERM_FP(FeaturizerAlgorithm):
     def _before_optimizer_step(self) -> None:
         """The scale-gradient hooks of a single-pass step."""
         if self.scales and self._scale_hooks:
-            applied = _flat_grads(self.scales)
+            applied = flat_grads(self.scales)
             self._scale_gradients(ScaleGradients(applied, None, applied, None))
 
 
@@ -159,8 +154,8 @@ class SAGM(FeaturizerAlgorithm):
             frozen = self.frozen()
             frozen = None if frozen is None or not self._scale_hooks else frozen.clone()
             applied = self.scale_grads(g_task, g_smooth)
-            for scale, grad in zip(self.scales, applied.unbind()):
-                scale.grad = grad
+            for scale, grad in zip(self.scales, applied.split([s.numel() for s in self.scales])):
+                scale.grad = grad.view_as(scale)
             if self._scale_hooks:
                 self._scale_gradients(ScaleGradients(g_task, g_smooth, applied, frozen))
         self.optimizer.step()
@@ -254,8 +249,58 @@ class SAQ(LSQ):
         return {"loss": loss}
 
 
+class QuantStart:
+    """QT-DoG's schedule (Javed et al. 2024): the quantizers are the identity until
+    ``quant_start`` updates are done, then on. The count is the buffer ``steps_done`` (saved
+    with the model, so a resumed run switches at the same update), mirrored on the host (no
+    device sync per update). Mixed in before an algorithm; its update calls
+    :meth:`_begin_update` and :meth:`_end_update` around each step."""
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._steps = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps = int(self.steps_done)
+
+    def _begin_update(self) -> None:
+        if self._steps == self.hparams["quant_start"]:
+            set_quantization(self, True)
+
+    def _end_update(self) -> None:
+        self._steps += 1
+        self.steps_done.fill_(self._steps)
+
+
+class QTDoGStep(QuantStart):
+    """:class:`QuantStart` around the plugin's ``step``, and the release's fixed parameters
+    (``qtdog_release``, see :class:`QTDoG`)."""
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams):
+        if hparams.get("qtdog_release", False) and "sagm" in self.SPEC.families:
+            raise ValueError(f"{self.SPEC.name}: qtdog_release reproduces QT-DoG's release, "
+                             "whose step is ERM's: SAGM's step is not one")
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        convs = [m.weight for m in self.modules() if isinstance(m, QuantConv2d)]
+        self.fixed_after_start = [*convs, *self.scales] if hparams["qtdog_release"] else []
+
+    def step(self, x, y):
+        self._begin_update()
+        stats = super().step(x, y)
+        self._end_update()
+        return stats
+
+    def _before_optimizer_step(self) -> None:
+        if self._steps >= self.hparams["quant_start"]:
+            for p in self.fixed_after_start:
+                p.grad = None  # Adam skips a parameter without a gradient
+        super()._before_optimizer_step()
+
+
 @algorithm(families=("qtdog",), baseline="LSQ", defaults={"weight_decay": 0.0})
-class QTDoG(LSQ):
+class QTDoG(QTDoGStep, ERM_FP):
     """QT-DoG (Javed et al. 2024): LSQ on the conv weights only, 7 bits, per channel, from
     step ``quant_start``.
 
@@ -274,31 +319,6 @@ class QTDoG(LSQ):
     scales, never in the optimizer, stay fixed under any torch). Measured in
     docs/seed-systems.md.
     """
-
-    def __init__(self, input_shape, num_classes, num_domains, hparams):
-        super().__init__(input_shape, num_classes, num_domains, hparams)
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self._steps = 0  # host mirror of steps_done: no device sync per step
-        convs = [m.weight for m in self.modules() if isinstance(m, QuantConv2d)]
-        self.fixed_after_start = [*convs, *self.scales] if hparams["qtdog_release"] else []
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._steps = int(self.steps_done)
-
-    def step(self, x, y):
-        if self._steps == self.hparams["quant_start"]:
-            set_quantization(self, True)
-        stats = super().step(x, y)
-        self._steps += 1
-        self.steps_done.fill_(self._steps)
-        return stats
-
-    def _before_optimizer_step(self) -> None:
-        if self._steps >= self.hparams["quant_start"]:
-            for p in self.fixed_after_start:
-                p.grad = None  # Adam skips a parameter without a gradient
-        super()._before_optimizer_step()
 
 
 class WithSWAD:
@@ -372,14 +392,36 @@ class SWAD_FP(WithSWAD, ERM_FP):
     """SWAD (Cha et al. 2021): ERM on the full-precision featurizer with dense averaging."""
 
 
-@algorithm(families=("quant", "swad"), baseline="LSQ")
-class SWAD_LSQ(WithSWAD, LSQ):
-    """LSQ with SWAD's dense averaging (scales averaged too)."""
+# --- the quantized variants of a full-precision algorithm (<Name>_LSQ, <Name>_QTDoG) ----------
+
+VARIANT_FAMILIES = {"LSQ": ("quant",), "QTDoG": ("qtdog",)}
+VARIANT_DEFAULTS = {"LSQ": {}, "QTDoG": {"weight_decay": 0.0}}  # QT-DoG's weight decay 0
+VARIANT_BASELINES = {"LSQ": "LSQ", "QTDoG": "QTDoG"}  # ERM's variant: the benchmark's baseline
+VARIANT_SUMMARIES = {
+    "LSQ": "on the LSQ-quantized featurizer (the paper's W/A policy, scales at their own lr)",
+    "QTDoG": "with QT-DoG's quantization (weights only, per channel, from quant_start)"}
 
 
-@algorithm(families=("qtdog", "swad"), baseline="QTDoG", defaults={"weight_decay": 0.0})
-class SWAD_QTDoG(WithSWAD, QTDoG):
-    """QT-DoG as released: SWAD on, restarted when quantization starts (``quant_start``)."""
+def variant_of(fp: type, variant: str, name: str) -> type:
+    """``name``, the ``LSQ`` or ``QTDoG`` variant of the plugin's full-precision algorithm
+    ``fp``: the same step on the featurizer quantized by that policy (with QT-DoG's schedule),
+    registered with ``@algorithm`` (families ``fp``'s plus the variant's). How ``SWAD_LSQ`` and
+    ``SWAD_QTDoG`` are made, and every ``<Name>_LSQ`` / ``_QTDoG`` of a plugin algorithm
+    (:mod:`domainbed_gaqat.plugin.generic`)."""
+    if variant not in VARIANT_FAMILIES:
+        raise ValueError(f"variant {variant!r}: expected one of {list(VARIANT_FAMILIES)}")
+    spec = fp.SPEC
+    summary = f"{spec.name.removesuffix('_FP')} {VARIANT_SUMMARIES[variant]}."
+    cls = type(name, ((QTDoGStep, fp) if variant == "QTDoG" else (fp,)),
+               {"__doc__": summary, "__module__": __name__, "__qualname__": name})
+    return algorithm(families=spec.families + VARIANT_FAMILIES[variant],
+                     baseline=VARIANT_BASELINES[variant],
+                     defaults={**spec.defaults, **VARIANT_DEFAULTS[variant]})(cls)
+
+
+SWAD_LSQ = variant_of(SWAD_FP, "LSQ", "SWAD_LSQ")
+SWAD_QTDoG = variant_of(SWAD_FP, "QTDoG", "SWAD_QTDoG")  # QT-DoG as released: SWAD restarts at
+# quant_start (WithSWAD)
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = specs()

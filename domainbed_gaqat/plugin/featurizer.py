@@ -1,67 +1,50 @@
 """The one featurizer every algorithm shares: a (quantized) torchvision ResNet, and its
-quantization policy.
+quantization policy from the hparams.
 
-Policy (paper sec. 4.1): every conv quantizes its input activations and its weights, except
-the stem conv, which quantizes its input only (weights stay full precision); the linear
-classifier is not quantized. The stem's input is the normalised image, which is signed, so its
-activation quantizer uses the signed grid (an unsigned one would zero every negative pixel);
-every other conv input follows a ReLU and uses the unsigned grid. Options (QT-DoG's): weights
-only (no activation quantizers), one scale per output channel, the stem's weights quantized
-too, and quantizers that start disabled (the exact identity) until a training step.
+Policy (paper sec. 4.1, :mod:`domainbed_gaqat.quant.transform`): every conv quantizes its input
+activations and its weights, except the stem conv (the ResNet's first conv), which quantizes its
+input only (weights stay full precision); the linear classifier is not quantized. The stem's
+input is the normalised image, which is signed, so its activation quantizer uses the signed
+grid (an unsigned one would zero every negative pixel); every other conv input follows a ReLU
+and uses the unsigned grid. Options (QT-DoG's): weights only (no activation quantizers), one
+scale per output channel, the stem's weights quantized too, and quantizers that start disabled
+(the exact identity) until a training step.
 """
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torchvision
 from torch import nn
 
 from domainbed_gaqat.quant.config import QuantConfig
-from domainbed_gaqat.quant.modules import QuantConv2d
+from domainbed_gaqat.quant.transform import QuantPolicy, quantize
 
 
-@dataclass(frozen=True)
-class QuantPolicy:
-    """Which conv tensor gets which :class:`QuantConfig` (None: full precision)."""
-
-    weight: QuantConfig | None  # every conv's weights but the stem's
-    activation: QuantConfig | None  # every conv's input but the stem's (after a ReLU)
-    stem_input: QuantConfig | None  # the stem's (signed) image input
-    stem_weight: QuantConfig | None = None
-
-    @classmethod
-    def from_hparams(cls, hparams: dict) -> "QuantPolicy":
-        """The paper's policy at ``w_bits`` / ``a_bits``; without ``a_bits``, weights only.
-        The options are hparams of the algorithms that have them (QT-DoG's): ``w_per_channel``,
-        ``w_scale_init`` and ``w_grad_scale_n`` (the weight scales' initialisation and LSQ
-        gradient-scale count, :class:`QuantConfig`'s ``range_init`` and ``grad_scale_n``),
-        ``quant_stem_weight`` (implied by ``qtdog_release``: its release quantized the stem),
-        ``quant_start`` (quantizers start disabled when it is > 0)."""
-        common = {"grad_scale": hparams["lsq_grad_scale"],
-                  "enabled": hparams.get("quant_start", 0) == 0}
-        granularity = "channel" if hparams.get("w_per_channel", False) else "tensor"
-        options = {field: hparams[name] for name, field in (("w_scale_init", "range_init"),
-                                                            ("w_grad_scale_n", "grad_scale_n"))
-                   if name in hparams}
-        weight = QuantConfig(hparams["w_bits"], signed=True, granularity=granularity,
-                             **options, **common)
-        bits = hparams.get("a_bits")
-        return cls(weight=weight,
-                   activation=QuantConfig(bits, signed=False, **common) if bits else None,
-                   stem_input=QuantConfig(bits, signed=True, **common) if bits else None,
-                   stem_weight=weight if hparams.get("quant_stem_weight", False)
-                   or hparams.get("qtdog_release", False) else None)
-
-    def apply(self, resnet: nn.Module) -> None:
-        """Replace every conv of a torchvision ResNet by a :class:`QuantConv2d`, in place."""
-        for parent in list(resnet.modules()):
-            for name, child in parent.named_children():
-                if type(child) is nn.Conv2d:
-                    if parent is resnet and name == "conv1":
-                        conv = QuantConv2d(child, self.stem_weight, self.stem_input)
-                    else:
-                        conv = QuantConv2d(child, self.weight, self.activation)
-                    setattr(parent, name, conv)
+def quant_policy(hparams: dict) -> QuantPolicy:
+    """The paper's policy at ``w_bits`` / ``a_bits``; without ``a_bits``, weights only.
+    The options are hparams of the algorithms that have them (QT-DoG's): ``w_per_channel``,
+    ``w_scale_init`` and ``w_grad_scale_n`` (the weight scales' initialisation and LSQ
+    gradient-scale count, :class:`QuantConfig`'s ``range_init`` and ``grad_scale_n``),
+    ``quant_stem_weight`` (implied by ``qtdog_release``: its release quantized the stem),
+    ``quant_start`` (quantizers start disabled when it is > 0)."""
+    common = {"grad_scale": hparams["lsq_grad_scale"],
+              "enabled": hparams.get("quant_start", 0) == 0}
+    granularity = "channel" if hparams.get("w_per_channel", False) else "tensor"
+    options = {field: hparams[name] for name, field in (("w_scale_init", "range_init"),
+                                                        ("w_grad_scale_n", "grad_scale_n"))
+               if name in hparams}
+    weight = QuantConfig(hparams["w_bits"], signed=True, granularity=granularity,
+                         **options, **common)
+    bits = hparams.get("a_bits")
+    return QuantPolicy(weight=weight,
+                       activation=QuantConfig(bits, signed=False, **common) if bits else None,
+                       first_input=QuantConfig(bits, signed=True, **common) if bits else None,
+                       first_weight=weight if hparams.get("quant_stem_weight", False)
+                       or hparams.get("qtdog_release", False) else None)
 
 
 def scale_label(quantizer_name: str) -> str:
@@ -87,7 +70,7 @@ class Featurizer(nn.Module):
         self.n_outputs = self.network.fc.in_features
         self.network.fc = nn.Identity()
         if policy is not None:
-            policy.apply(self.network)
+            quantize(self.network, policy)
         self.dropout = nn.Dropout(hparams["resnet_dropout"])
         self.train()
 
@@ -101,3 +84,40 @@ class Featurizer(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
         return self
+
+
+# --- DomainBed's algorithms on the shared featurizer ---------------------------------------
+#
+# Every DomainBed algorithm builds its featurizer(s) through ``networks.Featurizer(input_shape,
+# hparams)`` (Fish through ``networks.WholeFish``, inside ``update`` too): the one call they all
+# make. The start-up hook wraps that function once, when ``domainbed.networks`` is imported, by
+# :func:`domainbed_featurizer`: inside :func:`building` it returns what the given builder makes
+# (the shared featurizer), everywhere else DomainBed's own, unchanged. DomainBed's ResNet would
+# also download ImageNet weights at construction, which fails offline.
+
+Builder = Callable[[tuple[int, ...], dict], nn.Module]
+_BUILDER: ContextVar[Builder | None] = ContextVar("domainbed_gaqat_featurizer", default=None)
+
+
+def domainbed_featurizer(domainbeds: Builder) -> Builder:
+    """DomainBed's ``networks.Featurizer`` that builds with the builder of :func:`building`
+    when there is one (idempotent: a wrapped function is returned as it is)."""
+    if hasattr(domainbeds, "__wrapped__"):
+        return domainbeds
+
+    @functools.wraps(domainbeds)
+    def featurizer(input_shape, hparams):
+        build = _BUILDER.get()
+        return domainbeds(input_shape, hparams) if build is None else build(input_shape, hparams)
+
+    return featurizer
+
+
+@contextmanager
+def building(build: Builder) -> Iterator[None]:
+    """DomainBed's ``networks.Featurizer(input_shape, hparams)`` calls ``build`` inside."""
+    token = _BUILDER.set(build)
+    try:
+        yield
+    finally:
+        _BUILDER.reset(token)

@@ -47,6 +47,9 @@ GAQAT_GRIDS: dict[tuple[str, int], dict[str, tuple]] = {
     ("RotatedDigits", 3): {"gaqat_r": (0.30, 0.20, 0.40), "gaqat_K": (10, 20)},
 }
 DOMAINBED_KEYS = ("data_augmentation", "class_balanced")
+# DomainBed's featurizer choices, which the shared featurizer replaces: a generic algorithm
+# (one with a DomainBed ``base``) has DomainBed's hparams of its base but these
+DOMAINBED_FEATURIZER_KEYS = ("resnet50_augmix", "dinov2", "vit", "vit_attn_tune", "vit_dropout")
 BIT_KEYS = ("w_bits", "a_bits")
 SMALL = ("RotatedDigits", "Debug28", "Debug224", "RotatedMNIST", "ColoredMNIST")
 INIT_CHOICES = ("none", "torchvision", "moco", "domainbed")
@@ -92,6 +95,10 @@ def _real(low: float, high: float = math.inf, low_open: bool = False,
               and (value < high if high_open else value <= high))
         return None if ok else expected
     return check
+
+
+def _anything(value: object) -> str | None:
+    return None
 
 
 def _one_of(choices: tuple) -> Check:
@@ -175,9 +182,23 @@ def params(spec: AlgorithmSpec, dataset: str, bits: int = 4) -> dict[str, Param]
         grid = gaqat_grid(dataset, bits)
         entries.update(gaqat_r=Param(grid["gaqat_r"][0], _real(0, 1), grid["gaqat_r"]),
                        gaqat_K=Param(grid["gaqat_K"][0], _integer(2, MAX_STEPS), grid["gaqat_K"]))
+    if spec.base is not None:  # DomainBed's algorithms read it; the shared BN is always frozen
+        entries["freeze_bn"] = Param(True, _one_of((True,)))
     for name, default in spec.defaults.items():
         entries[name] = Param(default, entries[name].check, entries[name].choices)
     return entries
+
+
+def domainbed_pairs(spec: AlgorithmSpec, dataset: str, seed: int) -> dict[str, tuple]:
+    """DomainBed's ``(default, random)`` pairs that a plugin algorithm takes from DomainBed's
+    registry: ``data_augmentation`` and ``class_balanced``, or for a generic algorithm every
+    hparam of its DomainBed base but the featurizer choices the shared featurizer replaces."""
+    from domainbed import hparams_registry
+
+    pairs = hparams_registry._hparams(spec.base or "ERM", dataset, seed)
+    if spec.base is None:
+        return {k: pairs[k] for k in DOMAINBED_KEYS}
+    return {k: v for k, v in pairs.items() if k not in DOMAINBED_FEATURIZER_KEYS}
 
 
 DOMAINBED_CHECKS: dict[str, Check] = {"data_augmentation": _flag, "class_balanced": _flag}
@@ -204,14 +225,13 @@ def _plain(value: object) -> object:
 
 
 def draw(spec: AlgorithmSpec, dataset: str, seed: int | None, bits: int = 4) -> dict[str, object]:
-    """A plugin algorithm's hparams for ``bits``: DomainBed's ``data_augmentation`` and
-    ``class_balanced``, then its parameters, as defaults (``seed`` None) or DomainBed-style
-    random draws with ``seed``."""
-    from domainbed import hparams_registry
+    """A plugin algorithm's hparams for ``bits``: DomainBed's (:func:`domainbed_pairs`), then
+    its parameters, as defaults (``seed`` None) or DomainBed-style random draws with
+    ``seed``."""
     from domainbed.lib import misc
 
-    base = hparams_registry._hparams("ERM", dataset, 0 if seed is None else seed)
-    out = {k: base[k][0 if seed is None else 1] for k in DOMAINBED_KEYS}
+    pairs = domainbed_pairs(spec, dataset, 0 if seed is None else seed)
+    out = {k: _plain(v[0 if seed is None else 1]) for k, v in pairs.items()}
     for name, param in params(spec, dataset, bits).items():
         value = param.default if seed is None else param.draw(
             np.random.RandomState(misc.seed_hash(seed, name)))
@@ -260,6 +280,9 @@ def validate(spec: AlgorithmSpec, hparams: dict) -> None:
     same on every dataset)."""
     algorithm = spec.name
     own = {name: p.check for name, p in params(spec, "PACS").items()}
+    if spec.base is not None:  # its DomainBed base's hparams (its own checks, if it has any)
+        own = {**{k: DOMAINBED_CHECKS.get(k, _anything)
+                  for k in domainbed_pairs(spec, "PACS", 0)}, **own}
     known = {**DOMAINBED_CHECKS, **own}
     for key in hparams:
         if key not in known:

@@ -1,6 +1,16 @@
 """The featurizer's initial weights (hparams ``init`` / ``init_path``): MoCo-v2, torchvision's
 ImageNet weights, or a DomainBed ``model.pkl`` of an earlier stage; all untrusted files
 (``torch.load(..., weights_only=True)``).
+
+An earlier stage's model (``init: domainbed``) is loaded once the algorithm is built
+(:func:`load_earlier_stage`): the plugin's own algorithms are a featurizer and a linear
+classifier, and take those two from the file (a model of any algorithm on the shared
+featurizer, DomainBed's own ERM on PACS included); DomainBed's algorithms on the shared
+featurizer (``<Name>_FP`` / ``_LSQ`` / ``_QTDoG``) take the whole model (their discriminators,
+second heads, ...), from a ``<Name>_*`` run or DomainBed's own ``<Name>`` where its featurizer
+is the same ResNet. Quantizer entries may be missing (their scales calibrate on the first
+batch), and so may the update counter QT-DoG adds; any other difference is an error naming
+the missing and unexpected keys.
 """
 
 import os
@@ -16,13 +26,16 @@ from domainbed_gaqat.plugin.model_files import read_weights
 MOCO_ENV = "DOMAINBED_GAQAT_MOCO"
 
 
+OPTIONAL = ("_quant.", "steps_done")  # entries a quantized model adds to a full-precision one
+
+
 def _load_exact(module: nn.Module, state: dict, path: str, what: str) -> None:
-    """Load ``state`` into ``module``; only quantizer entries may be missing (they calibrate)."""
+    """Load ``state`` into ``module``; only the entries quantization adds may be missing."""
     own = module.state_dict()
-    missing = [k for k in own if k not in state and "_quant." not in k]
+    missing = [k for k in own if k not in state and not any(o in k for o in OPTIONAL)]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in state if k in own and (not isinstance(state[k], torch.Tensor)
-                                                or state[k].shape != own[k].shape)]
+    shapes = [k for k in state if k in own and (not isinstance(state[k], torch.Tensor) or (
+        state[k].shape != own[k].shape and own[k].numel()))]  # empty: made at the 1st update
     if missing or unexpected or shapes:
         raise ValueError(
             f"{what} at {path!r} does not match the {type(module).__name__}: "
@@ -61,19 +74,18 @@ def _torchvision_state(hparams: dict) -> tuple[str, dict]:
     return path, {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def initialize(featurizer: Featurizer, classifier: nn.Linear, hparams: dict) -> None:
-    """Load the initial weights chosen by ``hparams['init']`` / ``hparams['init_path']``.
+def initialize(featurizer: Featurizer, hparams: dict) -> None:
+    """Load the featurizer's initial weights chosen by ``hparams['init']`` /
+    ``hparams['init_path']``.
 
     ``moco``: a MoCo-v2 file (``init_path``, else ``$DOMAINBED_GAQAT_MOCO``); ``torchvision``:
-    ImageNet weights from the torch hub cache; ``domainbed``: a DomainBed ``model.pkl`` of a
-    run on the shared featurizer (featurizer and classifier, e.g. the full-precision ERM stage);
-    ``none``: random. Checkpoints are untrusted: loaded with ``weights_only=True``.
+    ImageNet weights from the torch hub cache; ``none``: random; ``domainbed``: nothing here,
+    the whole algorithm is built first (:func:`load_earlier_stage`). Checkpoints are untrusted:
+    loaded with ``weights_only=True``.
     """
     init, path = hparams["init"], hparams["init_path"]
     if init not in INIT_CHOICES:
         raise ValueError(f"hparams['init']={init!r}: expected one of {INIT_CHOICES}")
-    if init == "none":
-        return
     if init == "torchvision":
         path, state = _torchvision_state(hparams)
         _load_exact(featurizer.network, state, path, "torchvision weights")
@@ -83,15 +95,26 @@ def initialize(featurizer: Featurizer, classifier: nn.Linear, hparams: dict) -> 
             raise FileNotFoundError(f"init='moco' needs the MoCo-v2 file: set hparams init_path "
                                     f"or ${MOCO_ENV} (moco_v2_800ep_pretrain.pth.tar)")
         _load_exact(featurizer.network, _moco_state(path), path, "MoCo-v2 ResNet weights")
-    else:
-        what = "DomainBed model.pkl (a dict with model_dict) of a run on the shared featurizer"
-        ckpt = read_weights(path, what)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_dict"), dict):
-            raise ValueError(f"{path!r} is not a {what}")
-        model = ckpt["model_dict"]
-        feat = {k[len("featurizer."):]: v for k, v in model.items() if k.startswith("featurizer.")}
-        head = {k[len("classifier."):]: v for k, v in model.items() if k.startswith("classifier.")}
-        if not feat or not head:
-            raise ValueError(f"{path!r} has no featurizer.*/classifier.* weights: not a {what}")
-        _load_exact(featurizer, feat, path, what)
-        _load_exact(classifier, head, path, what)
+
+
+def load_earlier_stage(algorithm: nn.Module, hparams: dict,
+                       parts: tuple[str, ...] | None = None) -> None:
+    """With ``init: domainbed``, load the ``model.pkl`` at ``init_path`` into ``algorithm``:
+    its submodules ``parts`` (each exactly), or with None the whole model (see the module
+    docstring); any other ``init``: nothing."""
+    if hparams["init"] != "domainbed":
+        return
+    path = hparams["init_path"]
+    what = "DomainBed model.pkl (a dict with model_dict) of a run on the shared featurizer"
+    ckpt = read_weights(path, what)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_dict"), dict):
+        raise ValueError(f"{path!r} is not a {what}")
+    model = ckpt["model_dict"]
+    if parts is None:
+        _load_exact(algorithm, model, path, what)
+        return
+    for part in parts:
+        state = {k[len(part) + 1:]: v for k, v in model.items() if k.startswith(part + ".")}
+        if not state:
+            raise ValueError(f"{path!r} has no {part}.* weights: not a {what}")
+        _load_exact(getattr(algorithm, part), state, path, what)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from domainbed_gaqat.plugin.hooks import hosted
-from domainbed_gaqat.plugin.registry import algorithm_class, quantized_algorithms
+from domainbed_gaqat.plugin.registry import algorithm_class, is_quantized, quantized_algorithms
 
 CHECKPOINT_KEYS = ("args", "model_input_shape", "model_num_classes", "model_num_domains",
                    "model_hparams", "model_dict")
@@ -73,6 +73,6 @@ def load_algorithm(path: str, device: str = "cpu") -> tuple[nn.Module, dict]:
 def require_quantized(ckpt: dict, path: str) -> None:
     """Refuse a checkpoint whose algorithm is not quantized."""
     name = ckpt["args"].get("algorithm")
-    if name not in quantized_algorithms():
+    if not is_quantized(name):
         raise ValueError(f"{path!r} holds algorithm {name!r}: expected a quantized model "
-                         f"({', '.join(quantized_algorithms())})")
+                         f"({', '.join(quantized_algorithms())}, or a <Name>_LSQ / _QTDoG)")

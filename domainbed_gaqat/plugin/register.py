@@ -6,6 +6,7 @@ and is idempotent, so the start-up hook and an explicit :func:`register_all` can
 
 import functools
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 
 
@@ -20,6 +21,28 @@ def _patch_algorithms(module: ModuleType) -> None:
     from domainbed_gaqat.plugin.algorithms import ALGORITHMS
 
     _add(module, list(ALGORITHMS), {n: s.cls for n, s in ALGORITHMS.items()}, "ALGORITHMS")
+    if not hasattr(module.get_algorithm_class, "__wrapped__"):
+        module.get_algorithm_class = _resolving(module.get_algorithm_class)
+
+
+def _resolving(get_algorithm_class: Callable[[str], type]) -> Callable[[str], type]:
+    """DomainBed's ``get_algorithm_class``, making a generic ``<Name>_FP`` / ``_LSQ`` /
+    ``_QTDoG`` class first (:func:`domainbed_gaqat.plugin.generic.resolve`)."""
+
+    @functools.wraps(get_algorithm_class)
+    def lookup(algorithm_name):
+        from domainbed_gaqat.plugin.generic import resolve
+
+        resolve(algorithm_name)
+        return get_algorithm_class(algorithm_name)
+
+    return lookup
+
+
+def _patch_networks(module: ModuleType) -> None:
+    from domainbed_gaqat.plugin.featurizer import domainbed_featurizer
+
+    module.Featurizer = domainbed_featurizer(module.Featurizer)
 
 
 def _patch_hparams_registry(module: ModuleType) -> None:
@@ -56,6 +79,7 @@ def _patch_model_selection(module: ModuleType) -> None:
 
 
 PATCHES = {
+    "domainbed.networks": _patch_networks,
     "domainbed.algorithms": _patch_algorithms,
     "domainbed.hparams_registry": _patch_hparams_registry,
     "domainbed.datasets": _patch_datasets,

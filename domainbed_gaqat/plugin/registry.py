@@ -27,7 +27,9 @@ class AlgorithmSpec:
     ``qtdog``: QT-DoG's weight-only per-channel quantization and its start step, ``swad``:
     SWAD's loss-valley rule); ``defaults``: its own defaults
     of shared hyperparameters; ``baseline``: the algorithm whose step it extends (the
-    benchmark's ratios); ``benchmark``: timed by ``gaqat bench``."""
+    benchmark's ratios); ``benchmark``: timed by ``gaqat bench``; ``base``: the DomainBed
+    algorithm whose update and hyperparameters it runs on the shared featurizer (None: one of
+    the plugin's own steps; :mod:`domainbed_gaqat.plugin.generic`)."""
 
     name: str
     cls: type
@@ -35,6 +37,7 @@ class AlgorithmSpec:
     baseline: str | None
     benchmark: bool
     defaults: dict
+    base: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -47,7 +50,8 @@ class AlgorithmSpec:
 
 
 def algorithm(families: tuple[str, ...] = (), baseline: str | None = None,
-              benchmark: bool = False, defaults: dict | None = None) -> Callable[[type], type]:
+              benchmark: bool = False, defaults: dict | None = None,
+              base: str | None = None) -> Callable[[type], type]:
     """Class decorator: register a plugin algorithm under its class name (and set its ``SPEC``,
 which subclasses inherit)."""
     unknown = set(families) - set(FAMILIES)
@@ -60,7 +64,8 @@ which subclasses inherit)."""
         if baseline is not None and baseline not in _SPECS:
             raise ValueError(f"{cls.__name__}: baseline {baseline!r} is not registered before it")
         cls.SPEC = _SPECS[cls.__name__] = AlgorithmSpec(cls.__name__, cls, tuple(families),
-                                                        baseline, benchmark, defaults or {})
+                                                        baseline, benchmark, defaults or {},
+                                                        base)
         return cls
 
     return register
@@ -75,24 +80,36 @@ def specs() -> dict[str, AlgorithmSpec]:
 
 
 def algorithm_class(name: str) -> type:
-    """A DomainBed algorithm class (the plugin's are registered by its start-up hook)."""
+    """A DomainBed algorithm class: DomainBed's, the plugin's (registered by its start-up
+    hook), or a ``<Name>_FP`` / ``_LSQ`` / ``_QTDoG`` resolved on demand."""
     from domainbed import algorithms
 
-    if name not in algorithms.ALGORITHMS:
-        raise ValueError(f"algorithm {name!r}: expected one of {sorted(algorithms.ALGORITHMS)}")
-    return algorithms.get_algorithm_class(name)
+    from domainbed_gaqat.plugin.generic import resolve
+
+    cls = resolve(name)
+    if not (isinstance(cls, type) and issubclass(cls, algorithms.Algorithm)):
+        raise ValueError(f"algorithm {name!r}: expected one of {sorted(algorithms.ALGORITHMS)}"
+                         " or <Name>_FP, <Name>_LSQ, <Name>_QTDoG of one of them")
+    return cls
 
 
 def plugin_spec(name: str) -> AlgorithmSpec | None:
-    """The spec of DomainBed's algorithm ``name`` if it is one of the plugin's, else None
-    (DomainBed's own, or no algorithm)."""
-    from domainbed import algorithms
+    """The spec of DomainBed's algorithm ``name`` if it is one of the plugin's (a generic
+    ``<Name>_*`` included), else None (DomainBed's own, or no algorithm)."""
+    from domainbed_gaqat.plugin.generic import resolve
 
-    return getattr(getattr(algorithms, name, None), "SPEC", None)
+    return getattr(resolve(name), "SPEC", None)
+
+
+def is_quantized(name: str) -> bool:
+    """Whether algorithm ``name`` quantizes the featurizer (:attr:`AlgorithmSpec.quantized`)."""
+    spec = plugin_spec(name)
+    return spec is not None and spec.quantized
 
 
 def quantized_algorithms() -> list[str]:
-    """DomainBed's registered algorithms that are quantized, in registration order."""
+    """DomainBed's listed algorithms that are quantized, in registration order (the
+    ``<Name>_LSQ`` / ``_QTDoG`` resolved on demand are not listed)."""
     from domainbed import algorithms
 
-    return [n for n in algorithms.ALGORITHMS if (spec := plugin_spec(n)) and spec.quantized]
+    return [n for n in algorithms.ALGORITHMS if is_quantized(n)]

@@ -1,12 +1,14 @@
-"""Quantized modules: the LSQ quantizer with a learnable scale, and a conv that uses two.
+"""Quantized modules: the LSQ quantizer with a learnable scale, and the conv and linear layers
+that use two (the quantized twins :func:`~domainbed_gaqat.quant.transform.quantize` swaps in).
 
 A quantizer is built from a :class:`~domainbed_gaqat.quant.config.QuantConfig`; it can be
 switched off and on (:func:`set_quantization`, :func:`quantization_disabled`): off, it is the
-exact identity. Scales are ``nn.Parameter`` s from construction on and the ``initialized`` /
-``enabled`` flags are buffers, so ``state_dict`` round-trips with ``strict=True`` in every state.
-Everything is created on the device it is asked for (a :class:`QuantConv2d`: its conv's), scales
-stay float32 when a model is cast to 16 bits (:class:`~.precision.Float32State`), and no step
-synchronises with the host, range initialisation included (:func:`check_initialization`).
+exact identity. Scales are :class:`Scale` parameters from construction on and the
+``initialized`` / ``enabled`` flags are buffers, so ``state_dict`` round-trips with
+``strict=True`` in every state. Everything is created on the device it is asked for (a quantized
+layer: its float layer's), scales stay float32 when a model is cast to 16 bits
+(:class:`~.precision.Float32State`), and no step synchronises with the host, range
+initialisation included (:func:`check_initialization`).
 """
 
 import math
@@ -14,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from domainbed_gaqat.quant.config import QuantConfig
@@ -24,14 +27,30 @@ from domainbed_gaqat.quant.range_init import FiniteCheck, lsq_init_scale, mse_sc
 INIT_ERROR = "cannot initialise a quantizer scale from a tensor with inf/nan values"
 
 
+class Scale(nn.Parameter):
+    """A quantizer's learnable scale. Its type marks it wherever it goes: a deep copy of a
+    model (``copy.deepcopy`` keeps a parameter's class) holds ``Scale`` s too, so an optimizer
+    built over any copy can tell its scales apart
+    (:func:`~domainbed_gaqat.optim.param_groups.separate_scales`).
+
+    >>> import copy
+    >>> isinstance(copy.deepcopy(nn.Linear(2, 2).requires_grad_().weight), Scale)
+    False
+    >>> isinstance(copy.deepcopy(LSQQuantizer(QuantConfig(4, False), False)).scale, Scale)
+    True
+    """
+
+
 class LSQQuantizer(Float32State):
     """LSQ fake quantizer of one tensor (paper sec. 2.1): a weight (``is_weight``, per tensor,
     or per output channel with ``channels`` scales) or a layer input (per tensor).
 
     The scale is set by ``config.range_init`` on the first forward while enabled: for weights
-    from the weights, for activations from the first (training) batch. A tensor with inf/nan
-    values is an error (``ValueError``), raised as soon as the host can tell without waiting
-    for the device: in that forward on the CPU, later on a GPU (:func:`check_initialization`).
+    from the weights, for activations from the first (training) batch. The scale is float32 on
+    ``device`` whatever the quantized tensor's dtype (the quantizer computes in at least
+    float32, :func:`~domainbed_gaqat.quant.lsq.lsq_quantize`). A tensor with inf/nan values is
+    an error (``ValueError``), raised as soon as the host can tell without waiting for the
+    device: in that forward on the CPU, later on a GPU (:func:`check_initialization`).
     """
 
     def __init__(self, config: QuantConfig, is_weight: bool, channels: int | None = None,
@@ -43,7 +62,7 @@ class LSQQuantizer(Float32State):
                              f"output channels (is_weight={is_weight}, channels={channels!r})")
         self.config, self.is_weight = config, is_weight
         self.lower, self.upper = config.bounds
-        self.scale = nn.Parameter(torch.ones(channels if per_channel else (), device=device))
+        self.scale = Scale(torch.ones(channels if per_channel else (), device=device))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("enabled", torch.tensor(config.enabled, device=device))
         self._initialized, self._enabled = False, config.enabled  # host mirrors: no device sync
@@ -126,30 +145,81 @@ class LSQQuantizer(Float32State):
         return torch.clamp(torch.round(v / self._scale(v)), self.lower, self.upper)
 
 
-class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with LSQ quantizers on its input (``a_quant``) and weight (``w_quant``);
-    either may be None (that tensor stays full precision). ``weight_offset``, when set, is added
-    to the (quantized) weight: the hook SAQ perturbs the quantized weights through."""
+class QuantizedWeights:
+    """What the quantized twins of ``nn.Conv2d`` and ``nn.Linear`` share: LSQ quantizers on the
+    input (``a_quant``) and the weight (``w_quant``), either None (that tensor stays full
+    precision), built on the float layer's device; ``weight_offset``, when set, is added to the
+    (quantized) weight: the hook SAQ perturbs the quantized weights through. The twin holds the
+    float layer's parameters (its latent weights); :meth:`to_float` gives them back as a plain
+    layer (the inverse, :func:`~domainbed_gaqat.quant.transform.dequantize`)."""
 
-    def __init__(self, conv: nn.Conv2d, weight: QuantConfig | None,
-                 activation: QuantConfig | None) -> None:
-        device = conv.weight.device
-        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                         conv.padding_mode, device=device, dtype=conv.weight.dtype)
-        self.load_state_dict(conv.state_dict())
-        self.a_quant = (LSQQuantizer(activation, is_weight=False, device=device)
-                        if activation else None)
-        self.w_quant = (LSQQuantizer(weight, is_weight=True, channels=conv.out_channels,
+    def _add_quantizers(self, weight: QuantConfig | None, activation: QuantConfig | None,
+                        float_layer: nn.Module) -> None:
+        self.load_state_dict(float_layer.state_dict())
+        device = float_layer.weight.device
+        self.a_quant = LSQQuantizer(activation, is_weight=False, device=device) if activation \
+            else None
+        self.w_quant = (LSQQuantizer(weight, is_weight=True, channels=self.weight.shape[0],
                                      device=device) if weight else None)
         self.weight_offset: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input, weight)`` as the layer's operation sees them."""
         weight = self.weight if self.w_quant is None else self.w_quant(self.weight)
         if self.weight_offset is not None:
             weight = weight + self.weight_offset
-        x = x if self.a_quant is None else self.a_quant(x)
-        return self._conv_forward(x, weight, self.bias)
+        return (x if self.a_quant is None else self.a_quant(x)), weight
+
+    def to_float(self) -> nn.Module:
+        """The float layer of the same latent weights (quantizers dropped)."""
+        layer = self._float_layer()
+        layer.load_state_dict({k: v for k, v in self.state_dict().items()
+                               if k in ("weight", "bias")})
+        return layer
+
+
+class QuantConv2d(QuantizedWeights, nn.Conv2d):
+    """``nn.Conv2d`` with LSQ quantizers on its input and weight (:class:`QuantizedWeights`)."""
+
+    def __init__(self, conv: nn.Conv2d, weight: QuantConfig | None,
+                 activation: QuantConfig | None) -> None:
+        nn.Conv2d.__init__(self, **_conv_args(conv))
+        self._add_quantizers(weight, activation, conv)
+
+    def _float_layer(self) -> nn.Conv2d:
+        return nn.Conv2d(**_conv_args(self))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(*self._quantized(x), self.bias)
+
+
+class QuantLinear(QuantizedWeights, nn.Linear):
+    """``nn.Linear`` with LSQ quantizers on its input and weight (:class:`QuantizedWeights`)."""
+
+    def __init__(self, linear: nn.Linear, weight: QuantConfig | None,
+                 activation: QuantConfig | None) -> None:
+        nn.Linear.__init__(self, **_linear_args(linear))
+        self._add_quantizers(weight, activation, linear)
+
+    def _float_layer(self) -> nn.Linear:
+        return nn.Linear(**_linear_args(self))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self._quantized(x), self.bias)
+
+
+def _conv_args(conv: nn.Conv2d) -> dict:
+    return {"in_channels": conv.in_channels, "out_channels": conv.out_channels,
+            "kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+            "dilation": conv.dilation, "groups": conv.groups, "bias": conv.bias is not None,
+            "padding_mode": conv.padding_mode, "device": conv.weight.device,
+            "dtype": conv.weight.dtype}
+
+
+def _linear_args(linear: nn.Linear) -> dict:
+    return {"in_features": linear.in_features, "out_features": linear.out_features,
+            "bias": linear.bias is not None, "device": linear.weight.device,
+            "dtype": linear.weight.dtype}
 
 
 def quantizers(module: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 ROOT = "/tmp/domainbed-gaqat-plan-snapshot"
 CONFIGS = ("demo", "pacs_w4a4", "pacs_w3a3", "domainnet_w4a4", "domainnet_w3a3",
-           "pacs_ablation", "pacs_freeze_steps", "pacs_threshold", "pacs_qat_w4a4", "qtdog_pacs")
-TABLES = ("demo", "pacs_w4a4", "domainnet_w4a4", "pacs_freeze_steps", "qtdog_pacs")
+           "pacs_ablation", "pacs_freeze_steps", "pacs_threshold", "pacs_qat_w4a4", "qtdog_pacs",
+           "qtdog_dg_methods", "pacs_dg_methods_w4a4")
+TABLES = ("demo", "pacs_w4a4", "domainnet_w4a4", "pacs_freeze_steps", "qtdog_pacs",
+          "qtdog_dg_methods", "pacs_dg_methods_w4a4")
 STORED = Path(__file__).resolve().parents[1] / "data" / "plans.json"
 
 

@@ -334,3 +334,25 @@ def loss_valley_reference(losses: list[float], n_converge: int, n_tolerance: int
                 break
             updates.append(smooth_q.popleft())
     return {"converged": converge_step, "dead": dead, "terms": updates or [copy_of]}
+
+
+# --- the shared featurizer's quantization policy, as it was hand-walked (before the generic
+# transform, commit 0635e52): the reference the transform must reproduce on a ResNet
+
+
+def resnet_policy_reference(resnet, policy, quant_conv: type) -> None:
+    """Replace every conv of a torchvision ResNet by ``quant_conv(conv, weight config,
+    activation config)``, in place: ``conv1`` (the stem) with the policy's first-conv configs,
+    every other conv with its weight / activation configs (``QuantPolicy.apply`` of commit
+    0635e52, written out)."""
+    from torch import nn
+
+    QuantConv2d = quant_conv  # noqa: N806 (the name of the code it transcribes)
+    for parent in list(resnet.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Conv2d:
+                if parent is resnet and name == "conv1":
+                    conv = QuantConv2d(child, policy.first_weight, policy.first_input)
+                else:
+                    conv = QuantConv2d(child, policy.weight, policy.activation)
+                setattr(parent, name, conv)
