@@ -38,7 +38,7 @@ test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not paper and not coverage"
 
 test-fast: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not paper"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not paper and not coverage"
 
 test-paper: setup
 	$(PY) -m pytest -q -m paper
