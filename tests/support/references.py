@@ -356,3 +356,24 @@ def resnet_policy_reference(resnet, policy, quant_conv: type) -> None:
                 else:
                     conv = QuantConv2d(child, policy.weight, policy.activation)
                 setattr(parent, name, conv)
+
+
+def assert_collect_results_row(report: str, algorithm: str, folders, n_envs: int) -> None:
+    """DomainBed's ``collect_results`` row of ``algorithm`` (training-domain validation, one
+    run per single test env, as ``--n_hparams 1 --n_trials 1 --single_test_envs`` sweeps):
+    each test env's number is the in-split accuracy of the record whose mean out-split accuracy
+    over the training envs is highest, recomputed from the runs' own records in ``folders``."""
+    import json
+
+    section = report.split("model selection method: training-domain validation set")[1]
+    section = section.split("--------")[0]
+    expected = {}
+    for folder in folders:
+        records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        if records[0]["args"]["algorithm"] == algorithm:
+            [env] = records[0]["args"]["test_envs"]
+            best = max(records, key=lambda r: np.mean(
+                [r[f"env{i}_out_acc"] for i in range(n_envs) if i != env]))
+            expected[env] = round(100 * best[f"env{env}_in_acc"], 1)
+    [row] = [line.split() for line in section.splitlines() if line.startswith(algorithm)]
+    assert [float(row[1 + 3 * e]) for e in range(n_envs)] == [expected[e] for e in range(n_envs)]
